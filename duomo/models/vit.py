@@ -1,0 +1,64 @@
+"""Vision Transformer: patch embedding, class token, learned positions, pre-LN encoder, projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from duomo.models.config import VisionConfig
+from duomo.nn import Transformer
+
+
+def interpolate_positions(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resize learned [1 + g*g, C] positions to [1 + grid*grid, C] (bicubic over the patch grid)."""
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    old = int(patch_pos.shape[0] ** 0.5)
+    if old == grid:
+        return pos
+    patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(grid * grid, -1)])
+
+
+class VisionTransformer(nn.Module):
+    """ViT image encoder returning one embedding per image (before L2 normalisation)."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int) -> None:
+        super().__init__()
+        if cfg.image_size % cfg.patch_size != 0:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        self.cfg = cfg
+        self.grid = cfg.image_size // cfg.patch_size
+        scale = cfg.width**-0.5
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
+        self.cls_token = nn.Parameter(scale * torch.randn(cfg.width))
+        self.pos_embed = nn.Parameter(scale * torch.randn(self.grid**2 + 1, cfg.width))
+        self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=scale)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] -> normalised tokens [B, 1 + patches, width]."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images shaped [B, 3, H, W], got {tuple(images.shape)}")
+        x = self.patch_embed(images)  # [B, C, h, w]
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        pos = self.pos_embed
+        if h != self.grid or w != self.grid:
+            if h != w:
+                raise ValueError(f"non-square patch grid {h}x{w}: resize images to a square first")
+            pos = interpolate_positions(pos, h)
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
+        x = self.transformer(self.norm_pre(x))
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] -> embeddings [B, embed_dim]."""
+        tokens = self.forward_features(images)
+        pooled = tokens[:, 0] if self.cfg.pool == "tok" else tokens[:, 1:].mean(dim=1)
+        return self.proj(pooled)

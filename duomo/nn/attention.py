@@ -1,0 +1,62 @@
+"""Multi-head self-attention: a reference path written out, and the fused fast path checked against it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention from first principles: softmax(QK^T / sqrt(d) + mask) V over [B, heads, T, d] tensors.
+
+    `attn_mask` is either boolean (True = may attend, as in `F.scaled_dot_product_attention`)
+    or additive float (0 = attend, -inf = blocked), broadcastable to [B, heads, T_q, T_k].
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    weights = scores.softmax(dim=-1)
+    return weights @ v
+
+
+def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean [T, T] mask where position i may attend to positions <= i."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with fused QKV projection, an output projection and two interchangeable kernels."""
+
+    def __init__(self, dim: int, num_heads: int, bias: bool = True, fast: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.fast = fast  # False selects `reference_attention`; both must give the same numbers
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, C] -> [B, heads, T, head_dim]."""
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend over the sequence x [B, T, C]; `attn_mask` as in `reference_attention`."""
+        b, t, c = x.shape
+        q, k, v = (self.split_heads(part) for part in self.qkv(x).split(c, dim=-1))
+        if self.fast:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        else:
+            out = reference_attention(q, k, v, attn_mask)
+        out = out.transpose(1, 2).reshape(b, t, c)
+        return self.proj(out)
