@@ -1,4 +1,4 @@
-"""Safe image loading: any path, bytes, file object, data URL or PIL image in; a decoded, upright RGB image out.
+"""Safe image loading: a path, bytes, file object, data URL or PIL image in; a decoded, upright RGB image out.
 
 Every failure (missing file, not an image, corrupt or truncated data, too many pixels) raises ImageError
 with a message naming the input and saying what to do; no raw PIL or OS error escapes.
@@ -14,28 +14,27 @@ import urllib.parse
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from duomo.errors import ImageError
 
-MAX_IMAGE_PIXELS: int = 89_478_485  # same default as PIL's bomb guard; read at call time, so it can be changed
+MAX_IMAGE_PIXELS: int = 89_478_485  # PIL's default bomb guard; read at call time, so setting it takes effect
 
-ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
+ImageLike = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def load_image(source: ImageLike, max_pixels: int | None = None) -> Image.Image:
-    """Open, size-check, fully decode, EXIF-rotate and convert to RGB one image; raise ImageError on any failure."""
+    """Open, size-check, fully decode, EXIF-rotate and convert one image to RGB; failures are ImageError."""
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     name = _describe(source)
-    if isinstance(source, Image.Image):
-        opened = nullcontext(source)  # the caller owns it: never close it
-    else:
-        opened = _open(_as_file(source, name), name)
+    # a PIL image belongs to the caller, so it is not closed; a file we open is closed on the way out
+    is_pil = isinstance(source, Image.Image)
+    opened = nullcontext(source) if is_pil else _open(_as_file(source, name), name)
     with opened as img:
         _check_size(img, limit, name)
         try:
@@ -48,7 +47,7 @@ def load_image(source: ImageLike, max_pixels: int | None = None) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB: alpha is dropped as OpenCLIP does, 16/32-bit and float are rescaled."""
+    """Any PIL mode to 8-bit RGB: alpha is dropped (as in OpenCLIP), 16/32-bit and float are rescaled."""
     if img.mode == "RGB":
         return img
     if img.mode in _HIGH_DEPTH_MODES:
@@ -106,7 +105,9 @@ def _as_file(source: ImageLike, name: str) -> str | BinaryIO:
         if path.startswith("data:"):
             return io.BytesIO(_decode_data_url(path, name))
         if path.startswith(("http://", "https://")):
-            raise ImageError(f"{name} is a URL; duomo does not fetch URLs, download the image and pass the file")
+            raise ImageError(
+                f"{name} is a URL; duomo does not fetch URLs, download the image and pass the file"
+            )
         if not Path(path).exists():
             raise ImageError(f"image file {name} does not exist; check the path")
         if Path(path).is_dir():
@@ -154,7 +155,9 @@ def _open(fp: str | BinaryIO, name: str) -> Image.Image:
             f"{name} is not a recognised image; pass a JPEG, PNG, WebP, GIF, BMP or TIFF file"
         ) from err
     except Exception as err:
-        raise ImageError(f"cannot open image {name} ({_reason(err)}); check the file is a readable image") from err
+        raise ImageError(
+            f"cannot open image {name} ({_reason(err)}); check the file is a readable image"
+        ) from err
 
 
 def _check_size(img: Image.Image, limit: int, name: str) -> None:

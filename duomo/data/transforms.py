@@ -30,7 +30,7 @@ _RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect range, which OpenC
 
 
 class ImageTransform:
-    """PIL image -> normalized FloatTensor[3, image_size, image_size], as OpenCLIP's eval (or train) transform."""
+    """PIL image -> normalized FloatTensor[3, size, size], exactly as OpenCLIP's eval (or train) transform."""
 
     def __init__(
         self,
@@ -61,7 +61,8 @@ class ImageTransform:
         """Resize + crop in the image's own mode, then RGB, ToTensor and Normalize."""
         if not isinstance(img, Image.Image):
             raise InputError(
-                f"ImageTransform takes a PIL image, got {type(img).__name__}; use preprocess_images for paths/bytes"
+                f"ImageTransform takes a PIL image, got {type(img).__name__}; "
+                "use load_image or preprocess_images for paths and bytes"
             )
         size, mode = self.image_size, _INTERPOLATIONS[self.interpolation]
         if self.crop_scale is not None:
@@ -77,7 +78,9 @@ class ImageTransform:
 
     def __repr__(self) -> str:
         """The settings, one line."""
-        kind = f"train, crop_scale={self.crop_scale}" if self.crop_scale else f"resize_mode={self.resize_mode!r}"
+        kind = (
+            f"train, crop_scale={self.crop_scale}" if self.crop_scale else f"resize_mode={self.resize_mode!r}"
+        )
         return f"ImageTransform(image_size={self.image_size}, interpolation={self.interpolation!r}, {kind})"
 
 
@@ -91,8 +94,10 @@ def image_transform(
     return ImageTransform(image_size, mean, std, crop_scale=(0.9, 1.0) if train else None)
 
 
-def preprocess_images(images: Sequence[ImageLike], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-    """Load each image (path, bytes, data URL, PIL...) with load_image and stack the transformed batch [N,3,H,W]."""
+def preprocess_images(
+    images: Sequence[ImageLike], transform: Callable[[Image.Image], torch.Tensor]
+) -> torch.Tensor:
+    """Load each image (path, bytes, data URL, PIL...) with load_image; the transformed batch [N, 3, H, W]."""
     if isinstance(images, (str, bytes, Image.Image)) or not isinstance(images, Sequence):
         raise InputError(f"preprocess_images takes a sequence of images, got {type(images).__name__}")
     if len(images) == 0:

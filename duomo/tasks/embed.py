@@ -1,0 +1,102 @@
+"""Embedding many image files with decoding ahead of the model, and writing the vectors to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from duomo.data.images import load_image
+from duomo.errors import DuomoError, InputError
+
+OUTPUT_FORMATS = (".npy", ".parquet")
+
+
+@dataclass
+class EmbeddingResult:
+    """Vectors for the files that decoded, and the reasons for those that did not."""
+
+    paths: list[str]
+    embeddings: np.ndarray
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def embed_image_files(
+    pipeline,
+    paths: Sequence[Path],
+    batch_size: int = 32,
+    workers: int = 2,
+    on_batch: Callable[[int], None] | None = None,
+) -> EmbeddingResult:
+    """Embed image files in batches; decoding runs in a thread pool ahead of the model; bad files are skipped."""
+
+    def prepare(path: Path) -> torch.Tensor | str:
+        try:
+            return pipeline.transform(load_image(path))
+        except DuomoError as exc:
+            return str(exc)
+
+    ok: list[str] = []
+    chunks: list[np.ndarray] = []
+    failures: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        batch_paths: list[str] = []
+        batch: list[torch.Tensor] = []
+
+        def flush() -> None:
+            if batch:
+                chunks.append(pipeline.encode_pixels(torch.stack(batch)).numpy())
+                ok.extend(batch_paths)
+                if on_batch:
+                    on_batch(len(batch))
+                batch.clear()
+                batch_paths.clear()
+
+        for path, item in zip(paths, pool.map(prepare, paths), strict=True):
+            if isinstance(item, str):
+                failures[str(path)] = item
+                if on_batch:
+                    on_batch(1)
+                continue
+            batch.append(item)
+            batch_paths.append(str(path))
+            if len(batch) == batch_size:
+                flush()
+        flush()
+    dim = pipeline.embed_dim
+    matrix = np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
+    return EmbeddingResult(ok, matrix.astype(np.float32), failures)
+
+
+def write_embeddings(out: Path, keys: Sequence[str], embeddings: np.ndarray, overwrite: bool = False) -> list[Path]:
+    """Write vectors as .npy (with a `.keys.json` sidecar) or .parquet (columns key, embedding); atomically."""
+    if out.suffix not in OUTPUT_FORMATS:
+        raise InputError(f"output {out} must end in one of {', '.join(OUTPUT_FORMATS)}")
+    written = [out] if out.suffix == ".parquet" else [out, out.with_suffix(".keys.json")]
+    existing = [p for p in written if p.exists()]
+    if existing and not overwrite:
+        raise InputError(f"{existing[0]} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix == ".npy":
+        with open(tmp, "wb") as f:
+            np.save(f, embeddings)
+        keys_tmp = tmp.with_name(tmp.name + ".keys")
+        keys_tmp.write_text(json.dumps(list(keys), ensure_ascii=False))
+        os.replace(keys_tmp, written[1])
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table(
+            {"key": list(keys), "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32()))}
+        )
+        pq.write_table(table, tmp)
+    os.replace(tmp, out)
+    return written

@@ -1,0 +1,117 @@
+import json
+
+import pytest
+import torch
+
+from duomo.errors import ConfigError, UnknownModelError
+from duomo.models import CLIPConfig, create_model, get_model_config, list_models
+from duomo.models.vit import interpolate_positions
+
+
+def test_zoo_has_the_openclip_names():
+    names = list_models()
+    for name in ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-tiny", "ViT-micro"]:
+        assert name in names
+
+
+def test_every_config_parses():
+    for name in list_models():
+        cfg = get_model_config(name)
+        assert cfg.vision.image_size % cfg.vision.patch_size == 0
+        assert cfg.vision.width % cfg.vision.heads == 0 and cfg.text.width % cfg.text.heads == 0
+
+
+def test_quickgelu_is_a_config_field():
+    assert get_model_config("ViT-B-32").vision.act == "gelu"
+    assert get_model_config("ViT-B-32-quickgelu").vision.act == "quick_gelu"
+    assert get_model_config("ViT-B-32-quickgelu").text.act == "quick_gelu"
+
+
+def test_vit_b32_parameter_count_matches_openai():
+    model = create_model("ViT-B-32")
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 151_277_313  # the published count of OpenAI's ViT-B/32 CLIP
+
+
+def test_unknown_name_suggests_close_match():
+    with pytest.raises(UnknownModelError, match="ViT-B-32"):
+        get_model_config("ViT-B-31")
+
+
+def test_openclip_json_layout_is_accepted(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "quick_gelu": True,
+                "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+                "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+            }
+        )
+    )
+    cfg = get_model_config(str(path))
+    assert cfg.vision.heads == 2 and cfg.vision.act == "quick_gelu" and cfg.text.act == "quick_gelu"
+    model = create_model(str(path))
+    assert model.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 32)
+
+
+def test_bad_configs_give_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown VisionConfig fields"):
+        CLIPConfig.from_dict({"vision": {"widht": 3}})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        get_model_config(str(bad))
+    with pytest.raises(ConfigError, match="multiple"):
+        create_model(CLIPConfig.from_dict({"vision": {"image_size": 30, "patch_size": 8, "width": 16, "heads": 2}}))
+
+
+def test_config_round_trips_through_dict():
+    cfg = get_model_config("ViT-L-14-336")
+    assert CLIPConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_forward_shapes_and_normalisation():
+    model = create_model("ViT-micro").eval()
+    tokens = torch.randint(1, 1000, (3, 16))
+    tokens[:, 4] = 49407
+    out = model(torch.randn(2, 3, 32, 32), tokens)
+    assert out["image_embeds"].shape == (2, 64) and out["text_embeds"].shape == (3, 64)
+    torch.testing.assert_close(out["image_embeds"].norm(dim=-1), torch.ones(2))
+    assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_text_pools_at_end_token_and_ignores_padding():
+    model = create_model("ViT-micro").eval()
+    a = torch.zeros(1, 16, dtype=torch.long)
+    a[0, :4] = torch.tensor([49406, 320, 1125, 49407])
+    b = a.clone()
+    b[0, 6:] = 555  # garbage after the end token (lower id than eot) must not change the embedding
+    torch.testing.assert_close(model.encode_text(a), model.encode_text(b))
+
+
+def test_shorter_token_sequences_are_allowed_longer_rejected():
+    model = create_model("ViT-micro").eval()
+    tokens = torch.tensor([[49406, 320, 49407]])
+    assert model.encode_text(tokens).shape == (1, 64)
+    with pytest.raises(ValueError, match="context length"):
+        model.encode_text(torch.ones(1, 17, dtype=torch.long))
+
+
+def test_vit_accepts_other_image_sizes_by_interpolating_positions():
+    model = create_model("ViT-micro").eval()
+    assert model.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, 64)
+    pos = model.visual.pos_embed.detach()
+    assert torch.equal(interpolate_positions(pos, 4), pos)  # same grid: unchanged
+    assert interpolate_positions(pos, 8).shape == (65, 64)
+
+
+def test_reference_attention_path_gives_same_embeddings():
+    model = create_model("ViT-micro").eval()
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 49407, (2, 16))
+    fast = model(images, tokens)
+    model.set_fast_attention(False)
+    slow = model(images, tokens)
+    for key in ("image_embeds", "text_embeds"):
+        torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=1e-5)
