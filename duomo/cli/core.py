@@ -1,0 +1,155 @@
+"""Core commands: models, embed, classify, convert, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+console = Console()
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Config name, shipped checkpoint, path or hub id.")
+WeightsOpt = typer.Option(None, "--weights", "-w", help="Checkpoint to load into a named config.")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available).")
+
+
+def models() -> None:
+    """List the built-in model configs and the checkpoints shipped with duomo."""
+    from duomo import list_pretrained
+    from duomo.models import get_model_config, list_models
+
+    table = Table("name", "kind", "embed", "image", "patch", "vision w×l", "text w×l", "act")
+    for name in list_pretrained():
+        table.add_row(name, "trained checkpoint", "", "", "", "", "", "")
+    for name in list_models():
+        c = get_model_config(name)
+        v, t = c.vision, c.text
+        table.add_row(
+            name, "config", str(c.embed_dim), str(v.image_size), str(v.patch_size),
+            f"{v.width}×{v.layers}", f"{t.width}×{t.layers}", v.act,
+        )  # fmt: skip
+    console.print(table)
+
+
+def embed(
+    inputs: list[str] = typer.Argument(..., help="Image files or folders (or texts with --text)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file: .npy (plus .keys.json) or .parquet."),
+    text: bool = typer.Option(False, "--text", help="Treat the inputs as texts, not paths."),
+    model: str = ModelOpt,
+    weights: str = WeightsOpt,
+    device: str = DeviceOpt,
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Embed image files/folders or texts and write L2-normalised vectors to .npy or .parquet."""
+    import duomo
+    from duomo.data.files import iter_image_files
+    from duomo.tasks.embed import embed_image_files, write_embeddings
+
+    if out.exists() and not overwrite:  # fail before the work, not after it
+        raise duomo.InputError(f"{out} exists; pass --overwrite to replace it")
+    pipe = duomo.load(model, weights=weights, device=device)
+    if text:
+        keys, vectors, failures = list(inputs), pipe.encode_text(list(inputs), batch_size).numpy(), {}
+    else:
+        files = iter_image_files(inputs)
+        if not files:
+            raise duomo.InputError("no image files found in the given paths")
+        with tqdm(total=len(files), unit="img", desc="embedding", disable=None) as bar:
+            result = embed_image_files(pipe, files, batch_size, on_batch=bar.update)
+        keys, vectors, failures = result.paths, result.embeddings, result.failures
+    for path, reason in failures.items():
+        console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
+    written = write_embeddings(out, keys, vectors, overwrite=overwrite)
+    console.print(f"wrote {len(keys)} × {vectors.shape[1]} embeddings to {', '.join(map(str, written))}")
+    if failures and not keys:
+        raise typer.Exit(1)
+
+
+def classify(
+    images: list[str] = typer.Argument(..., help="Image files or folders."),
+    labels: str = typer.Option(..., "--labels", "-l", help="Comma-separated labels, or @file with one per line."),
+    templates: str = typer.Option(None, "--templates", help="Comma-separated prompt templates with {}."),
+    top_k: int = typer.Option(3, "--top-k", "-k", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON records instead of a table."),
+    model: str = ModelOpt,
+    weights: str = WeightsOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Zero-shot classify images against the given labels and print the best labels per image."""
+    import duomo
+    from duomo.data.files import iter_image_files
+
+    label_list = _read_list(labels)
+    template_list = [t.strip() for t in templates.split(",")] if templates else None
+    files = iter_image_files(images)
+    if not files:
+        raise duomo.InputError("no image files found in the given paths")
+    pipe = duomo.load(model, weights=weights, device=device)
+    ranked = pipe.zero_shot_classify([str(f) for f in files], label_list, template_list, top_k=top_k)
+    if as_json:
+        records = [
+            {"image": str(f), "labels": [{"label": lab, "score": round(p, 6)} for lab, p in r]}
+            for f, r in zip(files, ranked, strict=True)
+        ]
+        print(json.dumps(records, ensure_ascii=False, indent=2))
+        return
+    table = Table("image", *[f"#{i + 1}" for i in range(min(top_k, len(label_list)))], title=f"model {pipe.name}")
+    for f, r in zip(files, ranked, strict=True):
+        table.add_row(str(f), *[f"{lab} ({p:.2f})" for lab, p in r])
+    console.print(table)
+
+
+def convert(
+    src: str = typer.Argument(..., help="Checkpoint: duomo dir, HF CLIPModel dir, OpenCLIP/OpenAI file, hub id."),
+    dst: Path = typer.Argument(..., help="Output directory (duomo, hf) or file (.safetensors/.pt for openclip)."),
+    to: str = typer.Option("duomo", "--to", "-t", help="Target format: duomo, hf or openclip."),
+    model: str = typer.Option(None, "--model", "-m", help="Config name for raw state dicts (else inferred)."),
+    quick_gelu: bool = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Activation of raw OpenCLIP dicts."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Convert a checkpoint between formats (duomo, Hugging Face CLIPModel, OpenCLIP state dict)."""
+    from duomo.errors import InputError
+    from duomo.io import convert_checkpoint
+
+    if dst.exists() and any(dst.iterdir() if dst.is_dir() else [dst]) and not overwrite:
+        raise InputError(f"{dst} exists; pass --overwrite to replace it")
+    written = convert_checkpoint(src, dst, to, config=model, quick_gelu=quick_gelu)
+    console.print(f"wrote {to} checkpoint to {written}")
+
+
+def demo(
+    model: str = ModelOpt,
+    out: Path = typer.Option(None, "--out", help="Keep the converted checkpoints here (default: a temp dir)."),
+) -> None:
+    """The Quick start demo: zero-shot labels from the embedded model and an exact format round trip."""
+    from duomo.tasks.demo import run_demo
+
+    run_demo(model, out, console)
+
+
+def _read_list(spec: str) -> list[str]:
+    """Comma-separated items, or one item per line of @file."""
+    from duomo.errors import InputError
+
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        if not path.is_file():
+            raise InputError(f"label file {path} does not exist")
+        items = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    else:
+        items = [item.strip() for item in spec.split(",")]
+    items = [i for i in items if i]
+    if not items:
+        raise InputError("no labels given")
+    return items
+
+
+def register(app: typer.Typer) -> None:
+    """Add the core commands to the `duomo` app."""
+    for command in (models, embed, classify, convert, demo):
+        app.command()(command)
