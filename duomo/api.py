@@ -80,7 +80,7 @@ class Pipeline:
             return image
         return self.transform(load_image(image))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_image(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> torch.Tensor:
         """L2-normalised image embeddings [N, D] (float32, on the CPU) for one image or many."""
         items = _as_list(images, (str, os.PathLike, bytes, Image.Image, torch.Tensor))
@@ -92,12 +92,12 @@ class Pipeline:
             out.append(self.model.encode_image(pixels, normalize=True).float().cpu())
         return torch.cat(out)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings [N, D] of preprocessed pixels [N, 3, H, W] (one forward pass)."""
         return self.model.encode_image(pixels.to(self.device, self.dtype), normalize=True).float().cpu()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """L2-normalised text embeddings [N, D] (float32, on the CPU) for one string or many."""
         items = [texts] if isinstance(texts, str) else list(texts)
@@ -151,9 +151,11 @@ class Pipeline:
 
     def save(self, path: str | os.PathLike, fmt: str = "duomo") -> Path:
         """Write the model to a directory in duomo's format (or "hf" / "openclip"); `duomo.load(path)` reads it."""
-        from duomo.io import export
+        from duomo.io import export, save_native
 
-        return export(self.model, Path(path), fmt, meta=self.meta)
+        if fmt == "duomo":
+            return save_native(self.model, Path(path), meta=self.meta or None)
+        return export(self.model, Path(path), fmt)
 
     def to(self, device: str | torch.device) -> Pipeline:
         """Move the model to another device."""
@@ -185,7 +187,8 @@ def load(
 
     `weights` loads a checkpoint into a named config; without weights a config name gives random weights.
     """
-    from duomo.io import load_into, read_checkpoint, resolve_hub
+    from duomo.io import load_into, resolve_hub
+    from duomo.io.convert import read_with_meta as read_checkpoint
 
     name = str(name_or_path) if name_or_path is not None else default_model_name()
     dev = _resolve_device(device)
