@@ -1,0 +1,71 @@
+"""`duomo train`: contrastive training from a JSON config and/or flags (also under torchrun)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def train(
+    config: Path = typer.Option(None, "--config", "-c", help="JSON file of training config fields."),
+    model: str = typer.Option(None, "--model", "-m", help="Model config name or JSON path (e.g. ViT-tiny)."),
+    pretrained: str = typer.Option(
+        None, "--pretrained", help="Checkpoint to start from (any format duomo reads)."
+    ),
+    data: str = typer.Option(
+        None, "--data", "-d", help="shapes, digits, or a manifest / folder / shard glob."
+    ),
+    steps: int = typer.Option(None, "--steps", min=1, help="Optimiser steps."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", "-b", min=1, help="Pairs per process and micro-batch."
+    ),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
+    wd: float = typer.Option(
+        None, "--wd", help="AdamW weight decay (not on biases, norms, embeddings, scales)."
+    ),
+    warmup: int = typer.Option(None, "--warmup", min=0, help="Linear warm-up steps."),
+    accum: int = typer.Option(None, "--accum", min=1, help="Micro-batches per optimiser step."),
+    precision: str = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (fp16: GPU only)."),
+    grad_clip: float = typer.Option(None, "--grad-clip", help="Max gradient norm (0 disables)."),
+    grad_checkpointing: bool = typer.Option(
+        None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations to save memory."
+    ),
+    lock_image: bool = typer.Option(
+        None, "--lock-image/--no-lock-image", help="LiT: freeze the image tower."
+    ),
+    lock_text: bool = typer.Option(None, "--lock-text/--no-lock-text", help="Freeze the text tower."),
+    loss: str = typer.Option(None, "--loss", help="clip (InfoNCE) or siglip."),
+    hard_negatives: int = typer.Option(None, "--hard-negatives", min=0, help="Negative captions per image."),
+    out: str = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, metrics, curves, model."),
+    resume: str = typer.Option(None, "--resume", help="Checkpoint file, run folder, or 'latest' (in --out)."),
+    save_every: int = typer.Option(None, "--save-every", min=1, help="Steps between checkpoints."),
+    log_every: int = typer.Option(None, "--log-every", min=1, help="Steps between metric lines."),
+    workers: int = typer.Option(None, "--workers", min=0, help="Data loader processes per training process."),
+    seed: int = typer.Option(None, "--seed"),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: the local GPU if any)."),
+    quiet: bool = typer.Option(None, "--quiet/--progress", "-q", help="No progress bar."),
+) -> None:
+    """Train (or fine-tune) a CLIP/SigLIP model on image-text pairs; flags override --config."""
+    flags = {k: v for k, v in locals().items() if k != "config"}
+    from duomo.train.config import TrainConfig
+    from duomo.train.run import train as run_training
+
+    cfg = TrainConfig.from_json(config) if config is not None else TrainConfig()
+    cfg = cfg.replace(**flags)
+    if not cfg.quiet:
+        logging.getLogger("duomo.train").setLevel(logging.INFO)
+    result = run_training(cfg)
+    if result.get("model") is not None:
+        metrics = result.get("metrics") or {}
+        loss_text = f", final loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+        console.print(f"trained {result['step']} steps{loss_text}; model written to {result['model']}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `duomo train` to the app."""
+    app.command()(train)

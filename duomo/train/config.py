@@ -1,0 +1,124 @@
+"""The training config: one flat dataclass, read from a JSON file and overridden by command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from duomo.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOSS_NAMES = ("clip", "siglip")
+SCHEDULES = ("cosine", "const")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; batch sizes are per process and per micro-batch."""
+
+    # what to train on
+    model: str = "ViT-tiny"  # a model config name or JSON path
+    pretrained: str | None = None  # a checkpoint to start from (any format duomo.io reads)
+    data: str = "shapes"  # "shapes", "digits", or a path (manifest, folder, WebDataset glob)
+    data_size: int = 2048  # samples of a built-in world (shapes)
+    # optimisation
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 64  # per process and micro-batch; one step sees batch_size * accum * world_size pairs
+    accum: int = 1  # micro-batches per optimiser step
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    wd: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup: int = 100  # steps of linear warm-up
+    schedule: str = "cosine"  # "cosine" or "const" (after the warm-up)
+    grad_clip: float | None = 1.0  # max global grad norm; None or 0 disables
+    precision: str = "fp32"  # "fp32", "bf16" (autocast), "fp16" (autocast + GradScaler, GPU only)
+    grad_checkpointing: bool = False
+    lock_image: bool = False  # LiT: freeze the image tower
+    lock_text: bool = False  # freeze the text tower
+    # objective
+    loss: str = "clip"  # "clip" (InfoNCE) or "siglip"
+    hard_negatives: int = 0  # extra negative captions per image (NegCLIP)
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    max_logit_scale: float = 100.0  # the temperature is clamped to <= ln(this) after each step
+    # bookkeeping
+    out: str = "runs/train"
+    resume: str | None = None  # a checkpoint file, a run folder, or "latest" (this run's --out)
+    save_every: int = 500  # steps between checkpoints (also saved at the end)
+    keep_checkpoints: int = 2  # the newest checkpoints kept on disk; 0 keeps all
+    log_every: int = 10  # steps between metric lines
+    workers: int = 2
+    seed: int = 0
+    device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
+    quiet: bool = False  # no progress bar
+    plot: bool = True  # draw curves.png from metrics.jsonl at the end (matplotlib)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent field."""
+        checks = [
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.loss in LOSS_NAMES, f"loss must be one of {LOSS_NAMES}, got {self.loss!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.accum >= 1, f"accum must be >= 1, got {self.accum}"),
+            (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.wd >= 0, f"wd must be >= 0, got {self.wd}"),
+            (self.hard_negatives >= 0, f"hard_negatives must be >= 0, got {self.hard_negatives}"),
+            (self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            (
+                not (self.lock_image and self.lock_text),
+                "lock_image and lock_text together leave nothing to train",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    def replace(self, skip_none: bool = True, **overrides: Any) -> TrainConfig:
+        """A copy with fields changed; None means "not given" (an unset flag) unless skip_none=False."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise ConfigError(f"unknown training config fields {sorted(unknown)}; known: {sorted(fields)}")
+        return dataclasses.replace(
+            self, **{k: v for k, v in overrides.items() if v is not None or not skip_none}
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (a JSON null sets a field to None), naming unknown fields."""
+        return cls().replace(skip_none=False, **data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        """Read a JSON file of config fields."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"training config {path} does not exist") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"training config {path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"training config {path} must hold a JSON object of fields")
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        """Write as JSON (readable back with from_json)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
