@@ -214,7 +214,9 @@ def load(
         config, state, meta = read_checkpoint(resolve_hub(name), quick_gelu=quick_gelu)
     else:
         known = ", ".join(list_pretrained() + list_models())
-        raise UnknownModelError(f"{name!r} is not a model name, a path, or a hub id. Known names: {known}")
+        raise UnknownModelError(
+            f"unknown model {name!r}: not a model name, an existing path, or a hub id. Known names: {known}"
+        )
     if config is not None:
         model = create_model(config)
     if state is not None:

@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 # Each command group lives in its own module with a `register(app)` function.
 COMMAND_MODULES = ["duomo.cli.core", "duomo.cli.data", "duomo.cli.index", "duomo.cli.serve", "duomo.cli.train"]

@@ -12,6 +12,15 @@ from tqdm import tqdm
 
 console = Console()
 
+
+def make_table(*headers: str, title: str | None = None, key_width: int = 0) -> Table:
+    """A rich table whose cells wrap instead of being cut off; the first (key) column is never broken."""
+    table = Table(title=title)
+    table.add_column(headers[0], no_wrap=True, min_width=key_width)
+    for header in headers[1:]:
+        table.add_column(header, overflow="fold")
+    return table
+
 ModelOpt = typer.Option(None, "--model", "-m", help="Config name, shipped checkpoint, path or hub id.")
 WeightsOpt = typer.Option(None, "--weights", "-w", help="Checkpoint to load into a named config.")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available).")
@@ -22,7 +31,9 @@ def models() -> None:
     from duomo import list_pretrained
     from duomo.models import get_model_config, list_models
 
-    table = Table("name", "kind", "embed", "image", "patch", "vision w×l", "text w×l", "act")
+    names = list_pretrained() + list_models()
+    width = max(map(len, names))
+    table = make_table("name", "kind", "embed", "image", "patch", "vision w×l", "text w×l", "act", key_width=width)
     for name in list_pretrained():
         table.add_row(name, "trained checkpoint", "", "", "", "", "", "")
     for name in list_models():
@@ -98,7 +109,8 @@ def classify(
         ]
         print(json.dumps(records, ensure_ascii=False, indent=2))
         return
-    table = Table("image", *[f"#{i + 1}" for i in range(min(top_k, len(label_list)))], title=f"model {pipe.name}")
+    headers = [f"#{i + 1}" for i in range(min(top_k, len(label_list)))]
+    table = make_table("image", *headers, title=f"model {pipe.name}")
     for f, r in zip(files, ranked, strict=True):
         table.add_row(str(f), *[f"{lab} ({p:.2f})" for lab, p in r])
     console.print(table)
@@ -114,7 +126,7 @@ def convert(
 ) -> None:
     """Convert a checkpoint between formats (duomo, Hugging Face CLIPModel, OpenCLIP state dict)."""
     from duomo.errors import InputError
-    from duomo.io import convert_checkpoint
+    from duomo.io.convert import convert_checkpoint
 
     if dst.exists() and any(dst.iterdir() if dst.is_dir() else [dst]) and not overwrite:
         raise InputError(f"{dst} exists; pass --overwrite to replace it")
