@@ -1,12 +1,16 @@
 """CLIP's byte-level BPE tokenizer, on the Hugging Face `tokenizers` library.
 
-Token ids are identical to OpenCLIP's `SimpleTokenizer` (and to OpenAI CLIP's, up to the names of the two special
-tokens): the same 49,408-entry vocabulary, text cleaning, pre-tokenizer split, merges and truncation rule.
-Cleaning (ftfy, HTML unescape, whitespace, lower case) runs in Python with the same calls OpenCLIP makes, because
-`tokenizers`' normalizers differ from `str.split()` and `str.lower()` on rare characters; splitting, byte mapping
-and merging run in Rust, batched and in parallel.
+Token ids are identical to OpenCLIP's `SimpleTokenizer` (and to OpenAI CLIP's, up to the names of the two
+special tokens): the same 49,408-entry vocabulary, text cleaning, pre-tokenizer split, merges and truncation.
+Cleaning (ftfy, HTML unescape, whitespace, lower case) runs in Python with the calls OpenCLIP makes, because
+`tokenizers`' normalizers differ from `str.split()` and `str.lower()` on rare characters; splitting, byte
+mapping and merging run in Rust, batched and in parallel.
 
 The vocabulary is OpenCLIP's `bpe_simple_vocab_16e6.txt.gz`, shipped unchanged in `assets/` (MIT, see NOTICE).
+
+One known difference: `tokenizers`' regex engine knows Unicode 14, while OpenCLIP's `regex` module follows
+the newest Unicode. About 17k code points assigned as letters or digits since (Unicode 15-17, e.g. CJK
+extensions H-J) split differently; text of characters assigned by Unicode 14 tokenizes identically.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import gzip
 import html
 import itertools
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 
 import ftfy
@@ -25,15 +29,17 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from duomo.errors import InputError
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
-NUM_MERGES = 49152 - 256 - 2  # as CLIP: 256 bytes + 256 bytes-at-word-end + 48,894 merges + 2 specials = 49,408
+# As CLIP: 256 bytes + 256 bytes-at-word-end + 48,894 merges + 2 specials = 49,408 tokens.
+NUM_MERGES = 49152 - 256 - 2
 SOT_TOKEN = "<start_of_text>"
 EOT_TOKEN = "<end_of_text>"
 DEFAULT_CONTEXT_LENGTH = 77
 
 # CLIP's pre-tokenizer: contractions, runs of letters, single digits, runs of anything else but spaces.
-# OpenCLIP compiles it with the `regex` module and re.IGNORECASE; on lower-cased text that differs from the plain
-# pattern in two characters only, written out here for Oniguruma (which `tokenizers` uses): "'ſ" (long s) is the
-# contraction "'s", and U+0345 (combining ypogegrammeni, case-folds to a letter) matches no branch and is dropped.
+# OpenCLIP compiles it with the `regex` module and re.IGNORECASE; on lower-cased text that differs from the
+# plain pattern in two characters only, written out here for Oniguruma (the engine of `tokenizers`): "'ſ"
+# (long s) is the contraction "'s", and U+0345 (combining ypogegrammeni, case-folds to a letter) matches no
+# branch, so it is dropped.
 SPLIT_PATTERN = r"""'s|'ſ|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}\x{345}]+"""
 
 
@@ -49,8 +55,8 @@ def whitespace_clean(text: str) -> str:
     return " ".join(text.split())
 
 
-# ftfy and html.unescape leave printable ASCII without "&" (plus tab and newline) unchanged, and ftfy costs ~100 us a
-# caption: such text, most English captions, skips both. The parity tests hold this shortcut to OpenCLIP's output.
+# ftfy and html.unescape leave printable ASCII without "&" (plus tab and newline) unchanged, and ftfy costs
+# ~100 us a caption: such text, most English captions, skips both. The parity tests check this shortcut.
 PLAIN_ASCII = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 
 
@@ -63,21 +69,22 @@ def clean_text(text: str) -> str:
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters (the BPE base alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     others = [b for b in range(256) if b not in printable]
     return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
 
 
 def read_merges() -> list[tuple[str, str]]:
     """The merge rules shipped with the package, in priority order (the file's first line is a header)."""
-    with resources.files("duomo.data").joinpath("assets", VOCAB_FILE).open("rb") as raw:
-        with gzip.open(raw, "rt", encoding="utf-8") as lines:  # the file holds 262k merges; CLIP uses the first
-            return [tuple(line.split()) for line in itertools.islice(lines, 1, NUM_MERGES + 1)]
+    # The file holds 262k merges; CLIP uses only the first, so reading stops there.
+    path = resources.files("duomo.data").joinpath("assets", VOCAB_FILE)
+    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
+        return [tuple(line.split()) for line in itertools.islice(lines, 1, NUM_MERGES + 1)]
 
 
 @lru_cache(maxsize=1)
 def build_bpe_tokenizer() -> Tokenizer:
-    """The `tokenizers` pipeline (CLIP split -> byte-level -> BPE with '</w>' word ends), built once per process."""
+    """The `tokenizers` pipeline: CLIP split -> byte-level -> BPE with '</w>' word ends; built once."""
     merges = read_merges()
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
@@ -128,20 +135,24 @@ def as_text_list(texts: object) -> list[str]:
 def check_context_length(context_length: object) -> int:
     """A padded length must be an int with room for <start_of_text> and <end_of_text>."""
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
-        raise InputError(f"context_length must be an int >= 2 (room for start and end), got {context_length!r}")
+        raise InputError(f"context_length must be an int >= 2 (start + end token), got {context_length!r}")
     return context_length
 
 
 class CLIPTokenizer:
-    """CLIP's lower-cased byte-level BPE: texts -> [N, context_length] ids, <start_of_text> ... <end_of_text> 0 0."""
+    """CLIP's lower-cased byte-level BPE: texts -> [N, context_length] ids, <sot> ... <eot> 0 0 ..."""
 
     def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH) -> None:
-        """Use the shipped vocabulary (built once per process); `context_length` is the default padded length."""
+        """Use the shipped vocabulary (built once per process); `context_length` is the default length."""
         self.tokenizer = build_bpe_tokenizer()
         self.vocab_size: int = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.context_length: int = check_context_length(context_length)
         self.sot_token_id: int = self.tokenizer.token_to_id(SOT_TOKEN)
         self.eot_token_id: int = self.tokenizer.token_to_id(EOT_TOKEN)
+
+    def __reduce__(self) -> tuple:
+        """Pickle as a call to `get_tokenizer`: data-loader workers rebuild it rather than copy 49k tokens."""
+        return get_tokenizer, (self.context_length,)
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text after cleaning, without <start_of_text>/<end_of_text>."""
@@ -150,9 +161,12 @@ class CLIPTokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """BPE ids of many texts at once, without start/end tokens; the Rust side runs the batch in parallel."""
+        """BPE ids of many texts, without start/end tokens; the Rust side runs a batch in parallel."""
         cleaned = [clean_text(t) for t in as_text_list(texts)]
-        ids = [e.ids for e in self.tokenizer.encode_batch_fast(cleaned, add_special_tokens=False)]
+        if len(cleaned) == 1:  # no thread pool for one text, so data-loader workers forked later stay quiet
+            ids = [self.tokenizer.encode(cleaned[0], add_special_tokens=False).ids]
+        else:
+            ids = [e.ids for e in self.tokenizer.encode_batch_fast(cleaned, add_special_tokens=False)]
         for i, text in enumerate(cleaned):
             if SOT_TOKEN in text or EOT_TOKEN in text:
                 ids[i] = self.encode_spelled_specials(text)
@@ -161,8 +175,8 @@ class CLIPTokenizer:
     def encode_spelled_specials(self, text: str) -> list[int]:
         """Ids of cleaned text that spells out a special token, split exactly as OpenCLIP splits it."""
         # OpenCLIP turns a written "<end_of_text>" into the end token, unless a punctuation run before it
-        # swallows its "<" ("!<end_of_text>"). `tokenizers` would cut every special out before splitting, so this
-        # rare case is split here with OpenCLIP's own pattern and the pieces are encoded one by one.
+        # swallows its "<" ("!<end_of_text>"). `tokenizers` would cut every special out before splitting,
+        # so this rare case is split here with OpenCLIP's own pattern and the pieces encoded one by one.
         specials = {SOT_TOKEN: self.sot_token_id, EOT_TOKEN: self.eot_token_id}
         ids: list[int] = []
         for piece, _ in special_split().pre_tokenize_str(text):
@@ -185,7 +199,7 @@ class CLIPTokenizer:
         """Text of one sequence of ids: start/end tokens and padding dropped, word ends read as spaces."""
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 1:
-                raise InputError(f"decode takes one sequence (1-D), got shape {tuple(ids.shape)}; decode rows")
+                raise InputError(f"decode takes one sequence (1-D), got shape {tuple(ids.shape)}")
             ids = ids.tolist()
         ids = [int(i) for i in ids]
         if self.eot_token_id in ids:  # what follows the first <end_of_text> is padding
@@ -198,7 +212,12 @@ class CLIPTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-@lru_cache(maxsize=None)
 def get_tokenizer(context_length: int = DEFAULT_CONTEXT_LENGTH) -> CLIPTokenizer:
     """The shared CLIPTokenizer for this context length."""
+    return shared_tokenizer(context_length)
+
+
+@cache
+def shared_tokenizer(context_length: int) -> CLIPTokenizer:
+    """One tokenizer per length (a positional key, so get_tokenizer() and get_tokenizer(77) are the same)."""
     return CLIPTokenizer(context_length)
