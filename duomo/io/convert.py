@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from duomo.io.checkpoint import export, load_into, read_checkpoint
+from duomo.io.checkpoint import export, load_into, read_checkpoint, with_activation
 from duomo.io.native import is_native, load_native, save_native
 from duomo.models import CLIPConfig, create_model, get_model_config
 
@@ -18,7 +18,10 @@ def read_with_meta(
     """`read_checkpoint`, plus the metadata that duomo's own format carries (templates, provenance)."""
     if Path(path).is_dir() and is_native(path):
         cfg, sd, meta = load_native(path)
-        return config or cfg, sd, meta
+        cfg = config or cfg
+        if quick_gelu is not None:
+            cfg = with_activation(cfg, "quick_gelu" if quick_gelu else "gelu")
+        return cfg, sd, meta
     cfg, sd = read_checkpoint(path, config=config, quick_gelu=quick_gelu)
     return cfg, sd, {}
 

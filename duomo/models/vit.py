@@ -28,6 +28,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if cfg.image_size % cfg.patch_size != 0:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        if cfg.pool not in ("tok", "avg"):
+            raise ValueError(f"unknown vision pooling {cfg.pool!r}; choose 'tok' or 'avg'")
         self.cfg = cfg
         self.grid = cfg.image_size // cfg.patch_size
         scale = cfg.width**-0.5

@@ -115,3 +115,9 @@ def test_reference_attention_path_gives_same_embeddings():
     slow = model(images, tokens)
     for key in ("image_embeds", "text_embeds"):
         torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_vision_pooling_is_a_config_error():
+    cfg = CLIPConfig.from_dict({"vision": {"image_size": 32, "patch_size": 8, "width": 16, "heads": 2, "pool": "x"}})
+    with pytest.raises(ConfigError, match="pooling"):
+        create_model(cfg)
