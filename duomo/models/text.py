@@ -9,17 +9,15 @@ from duomo.models.config import TextConfig
 from duomo.nn import Transformer, causal_mask
 
 
-def pool_end_token(x: torch.Tensor, tokens: torch.Tensor, how: str, eos_token_id: int) -> torch.Tensor:
-    """Pick each sequence's end-of-text position: the highest id ("argmax") or the first `eos_token_id`."""
+def pool_index(tokens: torch.Tensor, how: str, eos_token_id: int) -> torch.Tensor:
+    """Each sequence's pooling position: the highest id ("argmax", CLIP's end token) or the first eos."""
     if how == "argmax":
-        index = tokens.argmax(dim=-1)
-    elif how == "eos":
-        index = (tokens == eos_token_id).int().argmax(dim=-1)
-    elif how == "first":
-        index = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-    else:
-        raise ValueError(f"unknown text pooling {how!r}")
-    return x[torch.arange(x.shape[0], device=x.device), index]
+        return tokens.argmax(dim=-1)
+    if how == "eos":
+        return (tokens == eos_token_id).int().argmax(dim=-1)
+    if how == "first":
+        return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+    raise ValueError(f"unknown text pooling {how!r}")
 
 
 class TextTransformer(nn.Module):
@@ -57,7 +55,9 @@ class TextTransformer(nn.Module):
         t = tokens.shape[1]
         if t > self.context_length:
             raise ValueError(f"sequence length {t} exceeds the context length {self.context_length}")
-        x = self.token_embed(tokens) + self.pos_embed[:t]
+        index = pool_index(tokens, self.cfg.pool, self.cfg.eos_token_id)
+        t = int(index.max()) + 1  # causal: positions after the last pooled token cannot change the result
+        x = self.token_embed(tokens[:, :t]) + self.pos_embed[:t]
         x = self.transformer(x, self.attn_mask[:t, :t])
         x = self.norm(x)
-        return self.proj(pool_end_token(x, tokens, self.cfg.pool, self.cfg.eos_token_id))
+        return self.proj(x[torch.arange(x.shape[0], device=x.device), index])

@@ -121,3 +121,21 @@ def test_unknown_vision_pooling_is_a_config_error():
     cfg = CLIPConfig.from_dict({"vision": {"image_size": 32, "patch_size": 8, "width": 16, "heads": 2, "pool": "x"}})
     with pytest.raises(ConfigError, match="pooling"):
         create_model(cfg)
+
+
+def test_text_tower_skips_trailing_padding_exactly():
+    """The causal tower runs only up to the last end token in the batch; the result equals the full run."""
+    model = create_model("ViT-micro").eval()
+    tokens = torch.zeros(2, 16, dtype=torch.long)
+    tokens[0, :3] = torch.tensor([49406, 320, 49407])
+    tokens[1, :6] = torch.tensor([49406, 320, 1125, 539, 0, 49407])  # id 0 ("!") inside the text is kept
+    calls = []
+    handle = model.text.transformer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    short = model.encode_text(tokens)
+    handle.remove()
+    assert calls == [6]
+    model.text.transformer.eval()
+    x = model.text.token_embed(tokens) + model.text.pos_embed
+    x = model.text.norm(model.text.transformer(x, model.text.attn_mask))
+    full = model.text.proj(x[torch.arange(2), tokens.argmax(-1)])
+    torch.testing.assert_close(short, full, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,62 @@
+"""`duomo serve`: run the HTTP API and web page with uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def serve(
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model name, checkpoint or path (default: the index's model, else duomo's).",
+    ),
+    index: Path = typer.Option(None, "--index", help="Image index for /search (default: duomo's index dir)."),
+    no_index: bool = typer.Option(False, "--no-index", help="Serve embeddings only: no /search, no /images."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most items in one model call."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="Longest an item waits for a batch."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Items waiting per queue before 429s."),
+    api_key: list[str] = typer.Option(
+        None, "--api-key", help="Accepted Bearer key (repeatable; also $DUOMO_API_KEYS, comma-separated)."
+    ),
+    max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.01, help="Largest request body, in MiB."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """Serve embeddings (OpenAI-compatible), zero-shot classification, image search and a web page."""
+    import uvicorn
+
+    from duomo.serve import ServeSettings, create_app
+    from duomo.serve.security import api_keys_from_env
+
+    keys = list(dict.fromkeys([*(api_key or []), *api_keys_from_env()]))
+    settings = ServeSettings(
+        model=model,
+        device=device,
+        index_dir=index,
+        use_index=not no_index,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        api_keys=keys,
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+    )
+    app = create_app(settings)
+    if host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        typer.echo(
+            f"warning: listening on {host} without API keys: anyone who can reach it can use it", err=True
+        )
+    typer.echo(f"duomo serve: http://{host}:{port}/  (model {app.state.duomo.model.name})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=15)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `serve` command."""
+    app.command("serve")(serve)

@@ -1,0 +1,146 @@
+"""`create_app(settings)`: the FastAPI application behind `duomo serve`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from duomo.api import Pipeline
+from duomo.errors import DuomoError
+from duomo.serve.errors import install_error_handlers
+from duomo.serve.metrics import ServerMetrics
+from duomo.serve.routes import protected, public
+from duomo.serve.search import IndexService
+from duomo.serve.security import BodySizeLimitMiddleware
+from duomo.serve.service import ModelService
+from duomo.serve.settings import ServeSettings
+from duomo.serve.state import ServerState
+
+log = logging.getLogger("duomo.serve")
+
+STATIC_DIR = Path(__file__).parent / "static"
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template, method and status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.request(endpoint, scope.get("method", ""), status, time.perf_counter() - started)
+
+
+def resolve_index_dir(settings: ServeSettings) -> Path | None:
+    """The index directory to open: the configured one, else duomo's default, else none."""
+    if not settings.use_index:
+        return None
+    if settings.index_dir is not None:
+        return Path(settings.index_dir).expanduser()
+    try:
+        from duomo.index import default_index_dir
+    except ImportError:  # an install without the index module: serve embeddings only
+        return None
+    return Path(default_index_dir())
+
+
+def index_model(index_dir: Path | None) -> str | None:
+    """The model an existing index was built with (None if there is no index or it records none)."""
+    if index_dir is None or not index_dir.is_dir() or not any(index_dir.iterdir()):
+        return None  # opening would create an index: leave that to `duomo index`
+    try:
+        from duomo.index import ImageIndex
+
+        with ImageIndex.open(index_dir, None) as idx:
+            return idx.model_name
+    except (ImportError, DuomoError, OSError) as exc:
+        log.warning("cannot read the model of the index at %s: %s", index_dir, exc)
+        return None
+
+
+def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | None = None) -> FastAPI:
+    """Build the app: load the model (unless `pipeline` is given) and the index named in `settings`.
+
+    Without a model in the settings, the server uses the index's own model (as `duomo index` does), else
+    duomo's default model.
+    """
+    settings = settings or ServeSettings()
+    index_dir = resolve_index_dir(settings)
+    if pipeline is None:
+        import duomo
+
+        pipeline = duomo.load(settings.model or index_model(index_dir), device=settings.device)
+    metrics = ServerMetrics()
+    model = ModelService(pipeline, settings, observer=metrics)
+    index = IndexService(index_dir, pipeline)
+    state = ServerState(settings=settings, metrics=metrics, model=model, index=index)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await model.start()
+        log.info("duomo serve: model %s (dim %d), index %s", model.name, model.dim, index.index_dir)
+        try:
+            yield
+        finally:
+            state.draining = True
+            await model.close(drain=True)
+            index.close()
+
+    from duomo import __version__
+
+    app = FastAPI(
+        title="duomo",
+        version=__version__,
+        description="Image+text embeddings (OpenAI-compatible), zero-shot classification and image search.",
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.duomo = state
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(public)
+    app.include_router(protected)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

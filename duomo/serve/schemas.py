@@ -1,0 +1,153 @@
+"""Request and response bodies of the HTTP API (pydantic models; they also make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    """OpenAI-style error description."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body: `{"error": {"message", "type", ...}}`."""
+
+    error: ErrorDetail
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings request: texts, or images as `data:image/...;base64,` URLs."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="a string or a list of strings; a string starting with data:image/ is an image"
+    )
+    model: str | None = Field(
+        None, description="the served model's name (or 'default'); None: the served model"
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="truncate to this many dimensions and renormalise")
+    user: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    """One embedding in an embeddings response."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    """Token counts (text tokens including start/end; images count 0)."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    """OpenAI's embeddings response."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class EmbedRequest(BaseModel):
+    """duomo's own embed request: texts and images (base64 or data URLs) in one call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str] = Field(default_factory=list)
+    images: list[str] = Field(default_factory=list, description="base64 bytes of image files, or data: URLs")
+
+
+class EmbedResponse(BaseModel):
+    """L2-normalised embeddings, in input order, per kind."""
+
+    model: str
+    dim: int
+    text_embeddings: list[list[float]]
+    image_embeddings: list[list[float]]
+
+
+class ClassifyRequest(BaseModel):
+    """Zero-shot classification of one image over the given labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(..., description="base64 bytes of an image file, or a data: URL")
+    labels: list[str] = Field(..., description="candidate labels, e.g. ['cat', 'dog']")
+    top_k: int | None = Field(None, ge=1, description="return only the best k labels")
+    templates: list[str] | None = Field(None, description="prompt templates with '{}' for the label")
+
+
+class LabelScore(BaseModel):
+    """One label and its probability."""
+
+    label: str
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    """Labels ranked by probability, best first."""
+
+    model: str
+    labels: list[LabelScore]
+
+
+class SearchRequest(BaseModel):
+    """Search the index by a text query or an example image (exactly one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str | None = Field(None, description="text to search for")
+    image: str | None = Field(None, description="example image: base64 bytes or a data: URL")
+    k: int = Field(12, ge=1, description="number of results")
+
+
+class SearchResult(BaseModel):
+    """One hit: the indexed file, its cosine similarity, and where to fetch it from this server."""
+
+    path: str
+    score: float
+    url: str
+
+
+class SearchResponse(BaseModel):
+    """Hits best first."""
+
+    model: str
+    query: str | None
+    k: int
+    index_size: int
+    results: list[SearchResult]
+
+
+class QueueHealth(BaseModel):
+    """One batcher's state."""
+
+    depth: int
+    max_queue: int
+    running: bool
+
+
+class HealthResponse(BaseModel):
+    """Liveness and what is served."""
+
+    status: Literal["ok", "draining"]
+    model: str
+    embed_dim: int
+    auth_required: bool
+    index: dict | None
+    queues: dict[str, QueueHealth]
+    limits: dict[str, int]

@@ -1,0 +1,42 @@
+"""Server configuration: one pydantic model, filled by the CLI (or by hand in tests and embedding apps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ServeSettings(BaseModel):
+    """Everything `create_app` needs: which model and index, batching, and the safety limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, description="model name or path for duomo.load(); None: the default model"
+    )
+    device: str | None = Field(None, description="torch device; None: CUDA if available, else CPU")
+    index_dir: Path | None = Field(None, description="image index for /search; None: default_index_dir()")
+    use_index: bool = Field(True, description="False: no /search and no /images (embeddings only)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch: int = Field(32, ge=1, le=4096, description="most items in one model call")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="longest an item waits for a batch to fill")
+    max_queue: int = Field(256, ge=1, description="most items waiting per queue; beyond it requests get 429")
+    api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty: no auth")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width*height)")
+    max_inputs: int = Field(128, ge=1, description="most texts+images in one request")
+    max_text_chars: int = Field(8192, ge=1, description="longest text, in characters")
+    max_labels: int = Field(256, ge=1, description="most labels in one /classify request")
+    decode_threads: int = Field(4, ge=1, description="most images decoding at once (bounds pixel memory)")
+    max_k: int = Field(200, ge=1, description="most search results per request")
+    drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, how long queued work may finish")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeSettings:
+        # a request larger than the whole queue could never be accepted
+        self.max_inputs = min(self.max_inputs, self.max_queue)
+        if any(not k.strip() for k in self.api_keys):
+            raise ValueError("API keys must not be empty strings")
+        return self

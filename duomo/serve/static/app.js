@@ -1,0 +1,205 @@
+// duomo web page: text or example-image search over the server's index. No build step, no dependencies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { authRequired: false, objectUrls: [] };
+
+function apiKey() {
+  return $("api-key").value.trim() || localStorage.getItem("duomo-api-key") || "";
+}
+
+function headers() {
+  const key = apiKey();
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+function setStatus(text, kind) {
+  const el = $("status");
+  el.textContent = text;
+  el.className = "status" + (kind ? " " + kind : "");
+  el.setAttribute("role", kind === "error" ? "alert" : "status");
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) return body.error.message;
+  } catch (_) { /* not JSON */ }
+  return "HTTP " + response.status + " " + response.statusText;
+}
+
+async function call(url, options) {
+  let response;
+  try {
+    response = await fetch(url, Object.assign({ headers: headers() }, options || {}));
+  } catch (err) {
+    throw new Error("cannot reach the server (" + err.message + ")");
+  }
+  if (!response.ok) {
+    const message = await errorMessage(response);
+    if (response.status === 401) $("auth").hidden = false;
+    throw new Error(message);
+  }
+  return response.json();
+}
+
+function clearResults() {
+  state.objectUrls.forEach((u) => URL.revokeObjectURL(u));
+  state.objectUrls = [];
+  $("results").replaceChildren();
+}
+
+async function setImage(img, url) {
+  if (!state.authRequired) { img.src = url; return; }
+  // <img src> cannot send an Authorization header: fetch the bytes and show a blob URL instead.
+  try {
+    const response = await fetch(url, { headers: headers() });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const objectUrl = URL.createObjectURL(await response.blob());
+    state.objectUrls.push(objectUrl);
+    img.src = objectUrl;
+  } catch (err) {
+    img.alt = "cannot load: " + err.message;
+  }
+}
+
+function render(data, what) {
+  clearResults();
+  const results = data.results || [];
+  if (results.length === 0) {
+    setStatus(data.index_size === 0
+      ? "The index is empty: add images with `duomo index DIR`, then search again."
+      : "No results for " + what + ".", "empty");
+    return;
+  }
+  setStatus(results.length + " results for " + what + " (of " + data.index_size + " indexed images)");
+  for (const hit of results) {
+    const card = document.createElement("figure");
+    card.className = "card";
+    card.dataset.testid = "result";
+    const img = document.createElement("img");
+    img.loading = "lazy";
+    const name = hit.path.split(/[\\/]/).pop();
+    img.alt = name;
+    img.title = hit.path;
+    setImage(img, hit.url);
+    const caption = document.createElement("figcaption");
+    const nameEl = document.createElement("span");
+    nameEl.className = "name";
+    nameEl.textContent = name;
+    const scoreEl = document.createElement("span");
+    scoreEl.className = "score";
+    scoreEl.textContent = hit.score.toFixed(3);
+    caption.append(nameEl, scoreEl);
+    card.append(img, caption);
+    $("results").append(card);
+  }
+}
+
+function busy(on) {
+  $("search-button").disabled = on;
+  if (on) setStatus("searching…");
+}
+
+function hidePreview() {
+  const preview = $("query-preview");
+  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+  preview.removeAttribute("src");
+  preview.hidden = true;
+}
+
+async function searchText(query) {
+  hidePreview();
+  if (!query.trim()) { setStatus("Type something to search for, or drop an example image.", "empty"); return; }
+  busy(true);
+  try {
+    const url = "/search?" + new URLSearchParams({ q: query, k: $("k").value });
+    render(await call(url), "“" + query + "”");
+  } catch (err) {
+    clearResults();
+    setStatus(err.message, "error");
+  } finally {
+    busy(false);
+  }
+}
+
+async function searchImage(file) {
+  if (!file) return;
+  hidePreview();
+  if (file.type && !file.type.startsWith("image/")) {
+    clearResults();
+    setStatus(file.name + " is not an image (" + file.type + "); choose a JPEG, PNG, GIF or WebP file.", "error");
+    return;
+  }
+  const preview = $("query-preview");
+  preview.onerror = hidePreview; // a file the browser cannot show: no broken-image icon
+  preview.src = URL.createObjectURL(file);
+  preview.alt = "query: " + file.name;
+  preview.hidden = false;
+  const form = new FormData();
+  form.append("image", file, file.name);
+  form.append("k", $("k").value);
+  busy(true);
+  try {
+    render(await call("/search", { method: "POST", body: form }), "image " + file.name);
+  } catch (err) {
+    clearResults();
+    setStatus(err.message, "error");
+  } finally {
+    busy(false);
+  }
+}
+
+async function loadInfo() {
+  try {
+    const info = await call("/healthz");
+    state.authRequired = info.auth_required;
+    $("auth").hidden = !info.auth_required;
+    const index = info.index || {};
+    const indexText = index.ready
+      ? index.size + " images indexed"
+      : "no index (" + (index.error || "search unavailable") + ")";
+    $("server-info").textContent = "model " + info.model + " · " + indexText;
+    if (!index.ready) setStatus("Search is unavailable: " + (index.error || "no index"), "error");
+    else if (index.size === 0) setStatus("The index is empty: add images with `duomo index DIR`.", "empty");
+  } catch (err) {
+    $("server-info").textContent = "";
+    setStatus("Cannot read the server status: " + err.message, "error");
+  }
+}
+
+function setup() {
+  const saved = localStorage.getItem("duomo-api-key");
+  if (saved) $("api-key").value = saved;
+  $("api-key").addEventListener("change", () => localStorage.setItem("duomo-api-key", $("api-key").value.trim()));
+  $("text-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    searchText($("q").value);
+  });
+  $("file").addEventListener("change", () => {
+    searchImage($("file").files[0]);
+    $("file").value = "";
+  });
+  const zone = $("dropzone");
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (event) => { event.preventDefault(); zone.classList.add("dragover"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    zone.addEventListener(type, () => zone.classList.remove("dragover"));
+  }
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    const files = event.dataTransfer ? event.dataTransfer.files : [];
+    if (files.length) searchImage(files[0]);
+    else setStatus("Drop an image file (not a link or text).", "error");
+  });
+  // a drop outside the zone must not navigate away from the page
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => event.preventDefault());
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("file").click(); }
+  });
+  loadInfo();
+}
+
+setup();

@@ -1,0 +1,173 @@
+"""The web page end to end in headless Chromium (Playwright): text and image search, drag and drop, errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import duomo
+from duomo.serve import ServeSettings, create_app
+from tests.serve.helpers import live_server
+
+CHROMIUM = os.environ.get("DUOMO_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    ),
+]
+
+
+def save_artifact(page, tmp_path: Path, name: str) -> Path:  # noqa: ANN001
+    """Screenshot into pytest's tmp dir, and a copy into $DUOMO_ARTIFACTS when set."""
+    shot = tmp_path / name
+    page.screenshot(path=str(shot), full_page=True)
+    target = os.environ.get("DUOMO_ARTIFACTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(target) / name)
+    return shot
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """One headless Chromium for the module."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page_at(browser, image_index: tuple[Path, Path], pipeline: duomo.Pipeline) -> Iterator[tuple]:  # noqa: ANN001
+    """(page, base_url) of a live server over the generated index; browser console errors fail the test."""
+    index_dir, _ = image_index
+    app = create_app(ServeSettings(index_dir=index_dir), pipeline=pipeline)
+    with live_server(app) as url:
+        # Playwright's wait_for_function evaluates strings, which the page's CSP forbids; the last test runs
+        # with the CSP enforced.
+        context = browser.new_context(viewport={"width": 1100, "height": 800}, bypass_csp=True)
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        problems: list[str] = []
+        page.on("pageerror", lambda err: problems.append(str(err)))
+        page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url}"))
+        page.goto(url + "/")
+        yield page, url
+        context.close()
+        assert not problems, problems
+
+
+ALL_IMAGES_LOADED = (
+    "[...document.querySelectorAll('[data-testid=result] img')].every(i => i.complete && i.naturalWidth > 0)"
+)
+
+
+def result_cards(page) -> list:  # noqa: ANN001
+    return page.locator("[data-testid=result]").all()
+
+
+def test_text_search_shows_a_grid_of_loaded_images(page_at: tuple, tmp_path: Path) -> None:
+    page, _ = page_at
+    page.wait_for_function("document.getElementById('server-info').textContent.includes('9 images indexed')")
+    page.fill("[data-testid=query]", "a red circle")
+    page.click("[data-testid=search-button]")
+    page.wait_for_selector("[data-testid=result] img")
+    page.select_option("#k", "12")
+    cards = result_cards(page)
+    assert len(cards) == 9  # k=12 default, 9 indexed images
+    page.wait_for_function(ALL_IMAGES_LOADED)
+    scores = [float(c.locator(".score").inner_text()) for c in cards]
+    assert scores == sorted(scores, reverse=True)
+    assert "results for" in page.inner_text("[data-testid=status]")
+    save_artifact(page, tmp_path, "serve-text-search.png")
+
+
+def test_upload_an_example_image(page_at: tuple, image_index: tuple[Path, Path], tmp_path: Path) -> None:
+    page, _ = page_at
+    _, root = image_index
+    page.set_input_files("[data-testid=file-input]", str(root / "green_square.png"))
+    page.wait_for_selector("[data-testid=result] img")
+    first = result_cards(page)[0]
+    assert first.locator(".name").inner_text() == "green_square.png"
+    assert float(first.locator(".score").inner_text()) == pytest.approx(1.0, abs=1e-3)
+    assert page.locator("#query-preview").is_visible()
+    save_artifact(page, tmp_path, "serve-image-search.png")
+
+
+def test_drag_and_drop_an_image(page_at: tuple, image_index: tuple[Path, Path]) -> None:
+    page, _ = page_at
+    _, root = image_index
+    data = list((root / "yellow_circle.png").read_bytes())
+    page.evaluate(
+        """(bytes) => {
+            const file = new File([new Uint8Array(bytes)], 'drop.png', { type: 'image/png' });
+            const dt = new DataTransfer();
+            dt.items.add(file);
+            const zone = document.querySelector('[data-testid=dropzone]');
+            const init = { dataTransfer: dt, bubbles: true, cancelable: true };
+            zone.dispatchEvent(new DragEvent('dragover', init));
+            zone.dispatchEvent(new DragEvent('drop', init));
+        }""",
+        data,
+    )
+    page.wait_for_selector("[data-testid=result]")
+    assert result_cards(page)[0].locator(".name").inner_text() == "yellow_circle.png"
+
+
+def test_errors_and_empty_states_are_shown(page_at: tuple, tmp_path: Path) -> None:
+    page, _ = page_at
+    status = page.locator("[data-testid=status]")
+    page.click("[data-testid=search-button]")  # empty query
+    assert "Type something" in status.inner_text()
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    page.set_input_files("[data-testid=file-input]", str(bad))
+    page.wait_for_selector("[data-testid=status].error")
+    assert "image" in status.inner_text()  # the server's own message, shown as is
+    assert len(result_cards(page)) == 0
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    page.set_input_files("[data-testid=file-input]", str(text))
+    page.wait_for_function(
+        "document.querySelector('[data-testid=status]').textContent.includes('not an image')"
+    )
+    save_artifact(page, tmp_path, "serve-error.png")
+
+
+def test_page_works_with_api_keys_under_its_csp(
+    browser,
+    image_index: tuple[Path, Path],
+    pipeline: duomo.Pipeline,  # noqa: ANN001
+) -> None:
+    index_dir, _ = image_index
+    app = create_app(ServeSettings(index_dir=index_dir, api_keys=["s3cret"]), pipeline=pipeline)
+    with live_server(app) as url:
+        context = browser.new_context()  # CSP enforced: only selectors and attribute reads below
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        violations: list[str] = []
+        page.on(
+            "console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None
+        )
+        page.goto(url + "/")
+        page.wait_for_selector("#auth:not([hidden])")
+        page.fill("[data-testid=query]", "blue")
+        page.click("[data-testid=search-button]")
+        page.wait_for_selector("[data-testid=status].error")
+        assert "API key" in page.inner_text("[data-testid=status]")
+        page.fill("#api-key", "s3cret")
+        page.dispatch_event("#api-key", "change")
+        page.click("[data-testid=search-button]")
+        page.wait_for_selector("[data-testid=result] img[src^='blob:']")
+        imgs = page.locator("[data-testid=result] img").all()
+        assert imgs and all((i.get_attribute("src") or "").startswith("blob:") for i in imgs[:1])
+        context.close()
+        assert not violations, violations
