@@ -1,4 +1,4 @@
-"""The Python API: `duomo.load(...)` returns a `Pipeline` that embeds images and texts and classifies zero-shot."""
+"""Python API: `duomo.load(...)` returns a `Pipeline` that embeds images and texts and classifies zero-shot."""
 
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ def _as_list(items: Any, kind: type | tuple[type, ...]) -> list[Any]:
 class Pipeline:
     """A CLIP-style model with its tokenizer and image transform: the thing users call."""
 
-    def __init__(self, model: CLIP, device: str | torch.device = "cpu", name: str = "", meta: dict | None = None):
+    def __init__(
+        self, model: CLIP, device: str | torch.device = "cpu", name: str = "", meta: dict | None = None
+    ):
         self.model = model.eval()
         self.config = model.config
         self.name = name
@@ -114,7 +116,10 @@ class Pipeline:
         return torch.cat(out)
 
     def zero_shot_probs(
-        self, images: ImageInput | Sequence[ImageInput], labels: Sequence[str], templates: Sequence[str] | None = None
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Probabilities [N_images, N_labels] over the given labels, from prompt-ensembled text embeddings."""
         labels = [labels] if isinstance(labels, str) else list(labels)
@@ -150,7 +155,7 @@ class Pipeline:
         return self.encode_image(images) @ self.encode_text(texts).T
 
     def save(self, path: str | os.PathLike, fmt: str = "duomo") -> Path:
-        """Write the model to a directory in duomo's format (or "hf" / "openclip"); `duomo.load(path)` reads it."""
+        """Write the model in duomo's format (or "hf" / "openclip"); `duomo.load(path)` reads it back."""
         from duomo.io import export, save_native
 
         if fmt == "duomo":

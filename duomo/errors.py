@@ -1,10 +1,10 @@
-"""duomo's own exception types: every error a user can cause is one of these, with a message that says what to do."""
+"""duomo's exception types: every error a user can cause is one of these, saying what to do."""
 
 from __future__ import annotations
 
 
 class DuomoError(Exception):
-    """Base class of every error duomo raises on purpose; the CLI prints it as one line, the server as a 4xx."""
+    """Base of every error duomo raises on purpose; the CLI prints it as one line, the server as a 4xx."""
 
     status_code: int = 400
 

@@ -34,9 +34,13 @@ def test_encode_image_accepts_paths_pil_bytes_and_tensors(pipe, image_file):
 
 def test_batching_does_not_change_results(pipe, image_file):
     images = [str(image_file)] * 5
-    torch.testing.assert_close(pipe.encode_image(images, batch_size=2), pipe.encode_image(images, batch_size=5))
+    torch.testing.assert_close(
+        pipe.encode_image(images, batch_size=2), pipe.encode_image(images, batch_size=5)
+    )
     texts = [f"caption number {i}" for i in range(7)]
-    torch.testing.assert_close(pipe.encode_text(texts, batch_size=3), pipe.encode_text(texts), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        pipe.encode_text(texts, batch_size=3), pipe.encode_text(texts), atol=1e-6, rtol=1e-5
+    )
 
 
 def test_encode_text_single_string_and_bad_inputs(pipe):

@@ -21,7 +21,13 @@ app = typer.Typer(
 err_console = Console(stderr=True, soft_wrap=True)
 
 # Each command group lives in its own module with a `register(app)` function.
-COMMAND_MODULES = ["duomo.cli.core", "duomo.cli.data", "duomo.cli.index", "duomo.cli.serve", "duomo.cli.train"]
+COMMAND_MODULES = [
+    "duomo.cli.core",
+    "duomo.cli.data",
+    "duomo.cli.index",
+    "duomo.cli.serve",
+    "duomo.cli.train",
+]
 for _name in COMMAND_MODULES:
     try:
         importlib.import_module(_name).register(app)

@@ -21,6 +21,7 @@ def make_table(*headers: str, title: str | None = None, key_width: int = 0) -> T
         table.add_column(header, overflow="fold")
     return table
 
+
 ModelOpt = typer.Option(None, "--model", "-m", help="Config name, shipped checkpoint, path or hub id.")
 WeightsOpt = typer.Option(None, "--weights", "-w", help="Checkpoint to load into a named config.")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available).")
@@ -33,7 +34,9 @@ def models() -> None:
 
     names = list_pretrained() + list_models()
     width = max(map(len, names))
-    table = make_table("name", "kind", "embed", "image", "patch", "vision w×l", "text w×l", "act", key_width=width)
+    table = make_table(
+        "name", "kind", "embed", "image", "patch", "vision w×l", "text w×l", "act", key_width=width
+    )
     for name in list_pretrained():
         table.add_row(name, "trained checkpoint", "", "", "", "", "", "")
     for name in list_models():
@@ -83,7 +86,9 @@ def embed(
 
 def classify(
     images: list[str] = typer.Argument(..., help="Image files or folders."),
-    labels: str = typer.Option(..., "--labels", "-l", help="Comma-separated labels, or @file with one per line."),
+    labels: str = typer.Option(
+        ..., "--labels", "-l", help="Comma-separated labels, or @file with one per line."
+    ),
     templates: str = typer.Option(None, "--templates", help="Comma-separated prompt templates with {}."),
     top_k: int = typer.Option(3, "--top-k", "-k", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print JSON records instead of a table."),
@@ -117,11 +122,17 @@ def classify(
 
 
 def convert(
-    src: str = typer.Argument(..., help="Checkpoint: duomo dir, HF CLIPModel dir, OpenCLIP/OpenAI file, hub id."),
-    dst: Path = typer.Argument(..., help="Output directory (duomo, hf) or file (.safetensors/.pt for openclip)."),
+    src: str = typer.Argument(
+        ..., help="Checkpoint: duomo dir, HF CLIPModel dir, OpenCLIP/OpenAI file, hub id."
+    ),
+    dst: Path = typer.Argument(
+        ..., help="Output directory (duomo, hf) or file (.safetensors/.pt for openclip)."
+    ),
     to: str = typer.Option("duomo", "--to", "-t", help="Target format: duomo, hf or openclip."),
     model: str = typer.Option(None, "--model", "-m", help="Config name for raw state dicts (else inferred)."),
-    quick_gelu: bool = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Activation of raw OpenCLIP dicts."),
+    quick_gelu: bool = typer.Option(
+        None, "--quick-gelu/--no-quick-gelu", help="Activation of raw OpenCLIP dicts."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Convert a checkpoint between formats (duomo, Hugging Face CLIPModel, OpenCLIP state dict)."""
@@ -136,7 +147,9 @@ def convert(
 
 def demo(
     model: str = ModelOpt,
-    out: Path = typer.Option(None, "--out", help="Keep the converted checkpoints here (default: a temp dir)."),
+    out: Path = typer.Option(
+        None, "--out", help="Keep the converted checkpoints here (default: a temp dir)."
+    ),
 ) -> None:
     """The Quick start demo: zero-shot labels from the embedded model and an exact format round trip."""
     from duomo.tasks.demo import run_demo

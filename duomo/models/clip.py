@@ -22,7 +22,9 @@ class CLIP(nn.Module):
         self.visual = visual
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        )
         self.config = config
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -62,7 +62,7 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
-        """Build from duomo's JSON layout, also accepting OpenCLIP's (`vision_cfg`, `text_cfg`, `quick_gelu`)."""
+        """Build from duomo's JSON layout; OpenCLIP's (`vision_cfg`, `text_cfg`, `quick_gelu`) works too."""
         data = dict(data)
         quick_gelu = data.pop("quick_gelu", False)
         vision = dict(data.pop("vision", data.pop("vision_cfg", {})) or {})

@@ -54,8 +54,14 @@ def interop_section(pipe: duomo.Pipeline, out: Path, console: Console) -> None:
     with torch.inference_mode():
         ref_img = pipe.model.encode_image(images)
         ref_txt = pipe.model.encode_text(tokens)
-    table = Table("format", "written to", "reloaded by", "max |Δ| image", "max |Δ| text", title="format round trip")
-    for fmt, target in (("openclip", out / "openclip.safetensors"), ("hf", out / "hf"), ("duomo", out / "duomo")):
+    table = Table(
+        "format", "written to", "reloaded by", "max |Δ| image", "max |Δ| text", title="format round trip"
+    )
+    for fmt, target in (
+        ("openclip", out / "openclip.safetensors"),
+        ("hf", out / "hf"),
+        ("duomo", out / "duomo"),
+    ):
         written = export(pipe.model, target, fmt)
         config, state = read_checkpoint(written)
         back = duomo.create_model(config)

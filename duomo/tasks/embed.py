@@ -34,7 +34,7 @@ def embed_image_files(
     workers: int = 2,
     on_batch: Callable[[int], None] | None = None,
 ) -> EmbeddingResult:
-    """Embed image files in batches; decoding runs in a thread pool ahead of the model; bad files are skipped."""
+    """Embed image files in batches, decoding in threads ahead of the model; bad files are skipped."""
 
     def prepare(path: Path) -> torch.Tensor | str:
         try:
@@ -74,8 +74,10 @@ def embed_image_files(
     return EmbeddingResult(ok, matrix.astype(np.float32), failures)
 
 
-def write_embeddings(out: Path, keys: Sequence[str], embeddings: np.ndarray, overwrite: bool = False) -> list[Path]:
-    """Write vectors as .npy (with a `.keys.json` sidecar) or .parquet (columns key, embedding); atomically."""
+def write_embeddings(
+    out: Path, keys: Sequence[str], embeddings: np.ndarray, overwrite: bool = False
+) -> list[Path]:
+    """Write vectors atomically as .npy (with a `.keys.json` sidecar) or .parquet (key, embedding)."""
     if out.suffix not in OUTPUT_FORMATS:
         raise InputError(f"output {out} must end in one of {', '.join(OUTPUT_FORMATS)}")
     written = [out] if out.suffix == ".parquet" else [out, out.with_suffix(".keys.json")]

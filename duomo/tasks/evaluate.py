@@ -16,13 +16,17 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from duomo.errors import InputError
+from duomo.tasks.retrieval import retrieval_metrics
 from duomo.tasks.zero_shot import DEFAULT_TEMPLATES, build_classifier
+
+if TYPE_CHECKING:
+    from duomo.tasks.probe import ProbeResult
 
 log = logging.getLogger("duomo.eval")
 
@@ -106,7 +110,11 @@ def extract_features(
 ) -> Features:
     """Embed every image of a dataset once (samples sharing an image key share one row) and keep captions."""
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=EvalCollate(pipe.transform)
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=EvalCollate(pipe.transform),
     )
     rows: dict[str, int] = {}
     images, labels, texts, text_image, keys = [], [], [], [], []
@@ -170,7 +178,7 @@ class _Head(IterableDataset):
         return itertools.islice(iter(self.dataset), self.n)
 
 
-def _is_image_folder(path: Path) -> bool:
+def is_image_folder(path: Path) -> bool:
     """A folder of class sub-folders holding images, with no caption files: the ImageFolder layout."""
     from duomo.data.pairs import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
 
@@ -202,8 +210,9 @@ def open_eval_data(
         for s in splits:
             test = ShapesDataset(s, size=n, image_size=image_size, seed=seed)
             # the probe trains on other scenes of the same classes: the train split, or more held-out scenes
-            train = ShapesDataset("train" if s != "heldout" else "heldout", size=n, image_size=image_size,
-                                  seed=seed + 1)  # fmt: skip
+            train = ShapesDataset(
+                "train" if s != "heldout" else "heldout", size=n, image_size=image_size, seed=seed + 1
+            )
             out.append(EvalData("shapes", s, test, train, list(test.classes)))
         return out
     if name == "digits":
@@ -212,7 +221,7 @@ def open_eval_data(
         train = DigitsDataset("train", image_size=image_size, seed=seed, size=size) if s == "test" else None
         return [EvalData("digits", s, test, train, list(test.classes), list(EVAL_TEMPLATES))]
     path = Path(text).expanduser()
-    if path.is_dir() and _is_image_folder(path):
+    if path.is_dir() and is_image_folder(path):
         dataset: Dataset = ImageFolderDataset(path)
     else:
         dataset = open_pairs(text)
@@ -221,7 +230,7 @@ def open_eval_data(
 
 
 def resolve_templates(given: Sequence[str] | None, data: EvalData, pipe: Any) -> list[str]:
-    """Prompt templates: the given ones, else the dataset's evaluation set, the model's, or duomo's default."""
+    """Prompt templates: the given ones, else the dataset's eval set, the model's, or duomo's default."""
     for candidate in (given, data.templates, getattr(pipe, "meta", {}).get("templates"), DEFAULT_TEMPLATES):
         if candidate:
             return list(candidate)
@@ -247,8 +256,14 @@ def make_record(
     data: EvalData, model: str, task: str, metrics: dict[str, float], n: int, **extra: Any
 ) -> dict[str, Any]:
     """One result record (metrics rounded to 6 digits)."""
-    record = {"dataset": data.name, "split": data.split, "model": model, "task": task,
-              "metrics": {k: round(float(v), 6) for k, v in metrics.items()}, "n": int(n)}  # fmt: skip
+    record = {
+        "dataset": data.name,
+        "split": data.split,
+        "model": model,
+        "task": task,
+        "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
+        "n": int(n),
+    }
     record.update({k: v for k, v in extra.items() if v is not None})
     return record
 
@@ -268,9 +283,6 @@ def evaluate(
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run `tasks` (zeroshot, retrieval, probe) of a `duomo.Pipeline` on a data spec; returns the records."""
-    from duomo.tasks.probe import linear_probe
-    from duomo.tasks.retrieval import retrieval_metrics
-
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise InputError(f"unknown eval task(s) {unknown}; choose from {list(TASKS)} or 'all'")
@@ -281,59 +293,59 @@ def evaluate(
     )
     model = model_name or getattr(pipe, "name", "") or "model"
     records = []
-
-    def emit(record: dict[str, Any]) -> None:
-        records.append(record)
-        if on_record is not None:
-            on_record(record)
-
     for ds in sets:
         feats = extract_features(pipe, ds.test, batch_size, workers)
-        labelled = int(feats.labelled.sum())
         for task in tasks:
-            if task in ("zeroshot", "probe") and (not ds.classes or labelled == 0):
-                _skip(task, ds, "it has no class labels", explicit=len(tasks) == 1)
+            why = _unsupported(task, ds, feats)
+            if why:
+                message = f"cannot run {task} on {ds.name} ({ds.split}): {why}"
+                if len(tasks) == 1:
+                    raise InputError(message)
+                log.warning("%s; skipped", message)
                 continue
             if task == "zeroshot":
                 used = resolve_templates(templates, ds, pipe)
                 metrics = zero_shot_metrics(pipe, feats, ds.classes, used)
-                emit(make_record(ds, model, task, metrics, labelled, templates=used))
+                record = make_record(ds, model, task, metrics, int(feats.labelled.sum()), templates=used)
             elif task == "retrieval":
-                if not any(feats.texts):
-                    _skip(task, ds, "it has no captions", explicit=len(tasks) == 1)
-                    continue
-                text_embeds = pipe.encode_text(feats.texts)
-                metrics = retrieval_metrics(feats.images @ text_embeds.T, feats.text_image)
-                emit(make_record(ds, model, task, metrics, len(feats.keys), n_texts=len(feats.texts)))
+                similarity = feats.images @ pipe.encode_text(feats.texts).T
+                metrics = retrieval_metrics(similarity, feats.text_image)
+                record = make_record(ds, model, task, metrics, len(feats.keys), n_texts=len(feats.texts))
             else:
-                if ds.train is not None:
-                    train = extract_features(pipe, ds.train, batch_size, workers)
-                    train_x, train_y = train.images[train.labelled], train.labels[train.labelled]
-                    test_x, test_y = feats.images[feats.labelled], feats.labels[feats.labelled]
-                    result = linear_probe(train_x, train_y, test_x, test_y, len(ds.classes), k_shot, seed=seed)
-                else:
-                    result = linear_probe_split(feats, len(ds.classes), k_shot, seed)
-                emit(make_record(ds, model, task, result.metrics, result.n_test, probe=result.settings()))
+                train = (
+                    extract_features(pipe, ds.train, batch_size, workers) if ds.train is not None else None
+                )
+                result = probe_features(feats, train, len(ds.classes), k_shot, seed)
+                record = make_record(ds, model, task, result.metrics, result.n_test, probe=result.settings())
+            records.append(record)
+            if on_record is not None:
+                on_record(record)
     return records
 
 
-def linear_probe_split(features: Features, num_classes: int, k_shot: int | None, seed: int) -> Any:
-    """A probe on one labelled set: a stratified 70/30 train/test split of its images."""
+def _unsupported(task: str, data: EvalData, features: Features) -> str | None:
+    """Why a dataset cannot support a task (None when it can)."""
+    if task in ("zeroshot", "probe") and (not data.classes or not bool(features.labelled.any())):
+        return "it has no class labels"
+    if task == "retrieval" and not any(features.texts):
+        return "it has no captions"
+    return None
+
+
+def probe_features(
+    test: Features, train: Features | None, num_classes: int, k_shot: int | None, seed: int
+) -> ProbeResult:
+    """A linear probe fit on `train` and scored on `test` (no `train`: a stratified 70/30 split of test)."""
     from duomo.tasks.probe import linear_probe, stratified_split
 
-    x, y = features.images[features.labelled], features.labels[features.labelled]
+    x, y = test.images[test.labelled], test.labels[test.labelled]
+    if train is not None:
+        train_x, train_y = train.images[train.labelled], train.labels[train.labelled]
+        return linear_probe(train_x, train_y, x, y, num_classes, k_shot, seed=seed)
     train_idx, test_idx = stratified_split(y, 0.3, seed)
     if len(test_idx) == 0 or len(train_idx) == 0:
         raise InputError("too few labelled images for a linear probe: need at least 2 per class")
     return linear_probe(x[train_idx], y[train_idx], x[test_idx], y[test_idx], num_classes, k_shot, seed=seed)
-
-
-def _skip(task: str, data: EvalData, why: str, explicit: bool) -> None:
-    """Skip a task a dataset cannot support: an error when it was the only task asked for."""
-    message = f"cannot run {task} on {data.name} ({data.split}): {why}"
-    if explicit:
-        raise InputError(message)
-    log.warning("%s; skipped", message)
 
 
 def write_records(records: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path:

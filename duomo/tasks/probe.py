@@ -41,7 +41,9 @@ def _require_sklearn() -> Any:
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError as exc:
-        raise InputError("linear probes need scikit-learn: pip install scikit-learn (or 'duomo[train]')") from exc
+        raise InputError(
+            "linear probes need scikit-learn: pip install scikit-learn (or 'duomo[train]')"
+        ) from exc
     return LogisticRegression
 
 
@@ -72,8 +74,11 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> Any:
     logistic_regression = _require_sklearn()
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
-    return make_pipeline(StandardScaler(), logistic_regression(C=c, max_iter=max_iter)).fit(x, y)
+    # Small problems: with torch loaded, BLAS/OpenMP threads fighting over the cores make fits ~30x slower.
+    with threadpool_limits(1):
+        return make_pipeline(StandardScaler(), logistic_regression(C=c, max_iter=max_iter)).fit(x, y)
 
 
 def _scores(probe: Any, x: np.ndarray, num_classes: int) -> torch.Tensor:

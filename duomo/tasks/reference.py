@@ -22,7 +22,9 @@ def openclip_model_from_export(path: Path):
     return model.eval()
 
 
-def openclip_embeddings(path: Path, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def openclip_embeddings(
+    path: Path, images: torch.Tensor, texts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw (unnormalised) image and text embeddings from open_clip for an exported OpenCLIP checkpoint."""
     import open_clip
 
@@ -36,7 +38,6 @@ def hf_embeddings(path: Path, images: torch.Tensor, texts: list[str]) -> tuple[t
     """Raw image and text embeddings from transformers' CLIPModel for an exported HF directory."""
     import open_clip
     from transformers import CLIPModel
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

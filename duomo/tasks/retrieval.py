@@ -15,7 +15,7 @@ DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 
 
 def _first_hit(scores: torch.Tensor, correct: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """For each query row of scores [Q, N], the 0-based rank of its best-ranked correct item (correct [Q, N])."""
+    """For each query row of scores [Q, N], the 0-based rank of its best-placed correct item (mask [Q, N])."""
     ranks = []
     for start in range(0, scores.shape[0], chunk):
         order = torch.argsort(scores[start : start + chunk], dim=1, descending=True, stable=True)

@@ -34,6 +34,8 @@ def build_classifier(
     return F.normalize(emb, dim=-1)
 
 
-def classify(image_embeds: torch.Tensor, classifier: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
+def classify(
+    image_embeds: torch.Tensor, classifier: torch.Tensor, logit_scale: float = 100.0
+) -> torch.Tensor:
     """Softmax probabilities [N_images, N_labels] from normalised image embeddings and a classifier."""
     return (logit_scale * image_embeds.float() @ classifier.T).softmax(dim=-1)

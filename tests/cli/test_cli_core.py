@@ -77,7 +77,9 @@ def test_convert_between_formats(tmp_path, capsys):
     back = tmp_path / "back"
     assert main(["convert", str(hf), str(back), "--to", "duomo"]) == 0
     again = duomo.load(str(back))
-    np.testing.assert_allclose(again.encode_text("a cat").numpy(), pipe.encode_text("a cat").numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        again.encode_text("a cat").numpy(), pipe.encode_text("a cat").numpy(), atol=1e-6
+    )
     assert main(["convert", str(src), str(back), "--to", "duomo"]) == 1  # exists, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
 

@@ -45,7 +45,13 @@ def test_openclip_json_layout_is_accepted(tmp_path):
             {
                 "embed_dim": 32,
                 "quick_gelu": True,
-                "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+                "vision_cfg": {
+                    "image_size": 32,
+                    "layers": 1,
+                    "width": 64,
+                    "patch_size": 16,
+                    "head_width": 32,
+                },
                 "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
             }
         )
@@ -64,7 +70,9 @@ def test_bad_configs_give_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not valid JSON"):
         get_model_config(str(bad))
     with pytest.raises(ConfigError, match="multiple"):
-        create_model(CLIPConfig.from_dict({"vision": {"image_size": 30, "patch_size": 8, "width": 16, "heads": 2}}))
+        create_model(
+            CLIPConfig.from_dict({"vision": {"image_size": 30, "patch_size": 8, "width": 16, "heads": 2}})
+        )
 
 
 def test_config_round_trips_through_dict():
@@ -118,7 +126,9 @@ def test_reference_attention_path_gives_same_embeddings():
 
 
 def test_unknown_vision_pooling_is_a_config_error():
-    cfg = CLIPConfig.from_dict({"vision": {"image_size": 32, "patch_size": 8, "width": 16, "heads": 2, "pool": "x"}})
+    cfg = CLIPConfig.from_dict(
+        {"vision": {"image_size": 32, "patch_size": 8, "width": 16, "heads": 2, "pool": "x"}}
+    )
     with pytest.raises(ConfigError, match="pooling"):
         create_model(cfg)
 
