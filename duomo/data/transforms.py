@@ -10,9 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from duomo.data.images import ImageLike, load_image, to_rgb
 from duomo.errors import InputError
@@ -20,11 +18,7 @@ from duomo.errors import InputError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's, = open_clip.OPENAI_DATASET_MEAN
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_INTERPOLATIONS = {
-    "bicubic": InterpolationMode.BICUBIC,
-    "bilinear": InterpolationMode.BILINEAR,
-    "nearest": InterpolationMode.NEAREST,
-}
+_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 _RESIZE_MODES = ("shortest", "squash")
 _RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect range, which OpenCLIP keeps
 
@@ -64,7 +58,11 @@ class ImageTransform:
                 f"ImageTransform takes a PIL image, got {type(img).__name__}; "
                 "use load_image or preprocess_images for paths and bytes"
             )
-        size, mode = self.image_size, _INTERPOLATIONS[self.interpolation]
+        # torchvision is imported here, not at module level: it costs seconds that most commands never need
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+        size, mode = self.image_size, InterpolationMode(self.interpolation)
         if self.crop_scale is not None:
             # OpenCLIP's train transform always crops with bicubic, whatever the eval interpolation
             top, left, h, w = RandomResizedCrop.get_params(img, list(self.crop_scale), list(_RATIO))
