@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "duomo.cli.index",
     "duomo.cli.serve",
     "duomo.cli.train",
+    "duomo.cli.eval",
 ]
 for _name in COMMAND_MODULES:
     try:

@@ -11,12 +11,14 @@ from rich.table import Table
 from tqdm import tqdm
 
 console = Console()
+if not console.is_terminal:  # piped or captured: wide lines rather than cut-off paths
+    console = Console(width=240)
 
 
 def make_table(*headers: str, title: str | None = None, key_width: int = 0) -> Table:
-    """A rich table whose cells wrap instead of being cut off; the first (key) column is never broken."""
+    """A rich table whose cells wrap instead of being cut off; the key column is at least `key_width` wide."""
     table = Table(title=title)
-    table.add_column(headers[0], no_wrap=True, min_width=key_width)
+    table.add_column(headers[0], overflow="fold", min_width=key_width)
     for header in headers[1:]:
         table.add_column(header, overflow="fold")
     return table
@@ -32,19 +34,24 @@ def models() -> None:
     from duomo import list_pretrained
     from duomo.models import get_model_config, list_models
 
+    from duomo.models import model_architecture
+
     names = list_pretrained() + list_models()
     width = max(map(len, names))
-    table = make_table(
-        "name", "kind", "embed", "image", "patch", "vision w×l", "text w×l", "act", key_width=width
-    )
+    table = make_table("name", "kind", "embed", "image", "patch", "vision w×l", "text w×l", "act", key_width=width)
     for name in list_pretrained():
         table.add_row(name, "trained checkpoint", "", "", "", "", "", "")
     for name in list_models():
+        arch = model_architecture(name)
+        if arch != "clip":
+            table.add_row(name, f"{arch} config", *[""] * 6)
+            continue
         c = get_model_config(name)
         v, t = c.vision, c.text
+        text_size = f"{t.width}×{t.layers}" if t.kind == "transformer" else t.kind
         table.add_row(
-            name, "config", str(c.embed_dim), str(v.image_size), str(v.patch_size),
-            f"{v.width}×{v.layers}", f"{t.width}×{t.layers}", v.act,
+            name, "clip config", str(c.embed_dim), str(v.image_size), str(v.patch_size),
+            f"{v.width}×{v.layers}", text_size, v.act,
         )  # fmt: skip
     console.print(table)
 

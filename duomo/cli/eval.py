@@ -18,15 +18,6 @@ TemplatesOpt = typer.Option(
 )
 
 
-def _ensure_minilm() -> None:
-    """Register the MiniLM text tower and tokenizer (a no-op once duomo.models and duomo.data do it)."""
-    from duomo.data.registry import TOKENIZERS, register_tokenizer
-    from duomo.models import minilm
-
-    if "minilm" not in TOKENIZERS:
-        register_tokenizer("minilm", minilm.minilm_tokenizer)
-
-
 def _templates(spec: str | None) -> list[str] | None:
     """Comma-separated templates, or one per line of @file; None when not given."""
     if not spec:
@@ -76,7 +67,6 @@ def eval_command(
     import duomo
     from duomo.tasks.evaluate import evaluate, write_records
 
-    _ensure_minilm()
     pipe = duomo.load(model, weights=weights, device=device)
     name = model or pipe.name
 
@@ -159,7 +149,6 @@ def finetune_command(
         workers=workers,
     )
     cfg.check()
-    _ensure_minilm()
     pipe = duomo.load(model, weights=weights, device=device)
     dataset = open_labelled(data, size, pipe.config.vision.image_size, seed)
 

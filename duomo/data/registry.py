@@ -30,3 +30,12 @@ def build_tokenizer(text_cfg: Any) -> Callable[[list[str]], Any]:
     if text_cfg.tokenizer not in TOKENIZERS:
         raise ConfigError(f"unknown tokenizer {text_cfg.tokenizer!r}; known: {sorted(TOKENIZERS)}")
     return TOKENIZERS[text_cfg.tokenizer](text_cfg)
+
+
+def _minilm_tokenizer(text_cfg: Any) -> Callable[[list[str]], Any]:
+    from duomo.models.minilm import minilm_tokenizer
+
+    return minilm_tokenizer(text_cfg)
+
+
+register_tokenizer("minilm", _minilm_tokenizer)

@@ -230,6 +230,11 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str = "duomo") -> Pat
     path = Path(path)
     if fmt == "duomo":
         return save_native(model, path)
+    text_kind = model_config(model).text.kind
+    if fmt in ("hf", "openclip") and text_kind != "transformer":
+        raise CheckpointError(
+            f"the {fmt} format has no place for a {text_kind!r} text tower; export this model with --to duomo"
+        )
     if fmt == "hf":
         return export_hf(model, path)
     if fmt != "openclip":

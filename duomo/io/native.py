@@ -40,7 +40,11 @@ def save_native(model: nn.Module, directory: str | os.PathLike, meta: dict[str, 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_id = uuid.uuid4().hex
-    save_safetensors(model.state_dict(), directory / WEIGHTS_FILE, {"duomo_save_id": save_id})
+    from duomo.models.minilm import omit_package_weights
+
+    state, package_meta = omit_package_weights(model, model.state_dict())  # frozen pretrained towers stay out
+    meta = {**(meta or {}), **package_meta} if (meta or package_meta) else None
+    save_safetensors(state, directory / WEIGHTS_FILE, {"duomo_save_id": save_id})
     config = {
         "format": FORMAT,
         "version": VERSION,
@@ -83,4 +87,7 @@ def load_native(directory: str | os.PathLike) -> tuple[CLIPConfig, StateDict, di
         cfg = CLIPConfig.from_dict(data.get("model") or {})
     except ConfigError as exc:
         raise CheckpointError(f"{config_path}: {exc}") from exc
-    return cfg, load_weights(weights_path), dict(data.get("meta") or {})
+    from duomo.models.minilm import restore_package_weights
+
+    meta = dict(data.get("meta") or {})
+    return cfg, restore_package_weights(cfg.text, load_weights(weights_path), meta), meta

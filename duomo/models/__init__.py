@@ -2,7 +2,14 @@
 
 from duomo.models.clip import CLIP
 from duomo.models.config import CLIPConfig, TextConfig, VisionConfig
-from duomo.models.factory import create_model, get_model_config, list_models, register_text_tower
+from duomo.models.factory import (
+    create_model,
+    get_model_config,
+    list_models,
+    model_architecture,
+    read_config_json,
+    register_text_tower,
+)
 from duomo.models.text import TextTransformer
 from duomo.models.vit import VisionTransformer
 
@@ -16,5 +23,8 @@ __all__ = [
     "create_model",
     "get_model_config",
     "list_models",
+    "model_architecture",
+    "read_config_json",
     "register_text_tower",
 ]
+from duomo.models import minilm  # noqa: E402, F401  (registers the "minilm" text tower)

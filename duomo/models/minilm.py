@@ -325,25 +325,24 @@ def omit_package_weights(
 
 
 def restore_package_weights(
-    model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, Any]
+    text_cfg: TextConfig, state: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
-    """Fill in the encoder a checkpoint left out (meta[PACKAGE_META_KEY]) from the freshly built model."""
+    """`state` with the encoder a checkpoint left out (meta[PACKAGE_META_KEY]) read back from the package."""
     info = (meta or {}).get(PACKAGE_META_KEY)
     if not info:
         return dict(state)
-    tower = _minilm_tower(model)
-    if tower is None or tower.source is None:
+    if text_cfg.kind != "minilm":
         raise CheckpointError(
-            f"the checkpoint leaves its text encoder to the {PACKAGE} package, but the model was built "
-            "without those weights; use the checkpoint's own config (text.extra.weights = 'package')"
+            f"the checkpoint leaves a MiniLM encoder to {PACKAGE}, but its text tower is {text_cfg.kind!r}"
         )
-    saved, have = info.get("sha256"), weights_fingerprint(tower.source)
+    folder = model_dir(text_cfg)
+    saved, have = info.get("sha256"), weights_fingerprint(str(folder))
     if saved and saved != have:
         raise CheckpointError(
             f"the checkpoint was trained on other MiniLM weights (sha256 {saved[:12]}...) than the installed "
-            f"ones in {tower.source} ({have[:12]}...); install the matching {PACKAGE}"
+            f"ones in {folder} ({have[:12]}...); install the matching {PACKAGE}"
         )
     full = dict(state)
-    for key, value in tower.encoder.state_dict().items():
+    for key, value in read_encoder_weights(folder, text_cfg).items():
         full.setdefault(ENCODER_PREFIX + key, value)
     return full

@@ -229,12 +229,25 @@ def finetune(
     """Fine-tune a classifier on a labelled dataset with `classes` (ImageFolder); `pipe` is left unchanged."""
     cfg = cfg or FinetuneConfig()
     cfg.check()
+    cuda = [pipe.device.index or 0] if pipe.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # seeded and reproducible, without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        return _finetune(pipe, dataset, cfg, val_dataset, on_epoch)
+
+
+def _finetune(
+    pipe: Any,
+    dataset: Dataset,
+    cfg: FinetuneConfig,
+    val_dataset: Dataset | None,
+    on_epoch: Callable[[dict[str, float]], None] | None,
+) -> FinetuneResult:
+    """The body of `finetune`, under its seeded RNG."""
     classes = list(getattr(dataset, "classes", None) or [])
     if not classes:
         raise InputError(
             "fine-tuning needs a labelled dataset with class names (an ImageFolder: root/class/*.jpg)"
         )
-    torch.manual_seed(cfg.seed)
     labels = dataset_labels(dataset)
     labelled = torch.nonzero(labels >= 0).flatten()
     if val_dataset is None:
@@ -403,7 +416,7 @@ def load_finetuned(directory: str | os.PathLike, device: str | torch.device = "c
         raise CheckpointError(f"{directory} has no {HEAD_FILE}: it was not written by `duomo finetune`")
     config, state, meta = load_native(directory)
     model = create_model(config)
-    load_into(model, restore_package_weights(model, state, meta))
+    load_into(model, restore_package_weights(config.text, state, meta))
     pipe = Pipeline(model.to(device), device, name=str(directory), meta=meta)
     head_state = load_weights(directory / HEAD_FILE)
     weight = head_state["weight"]

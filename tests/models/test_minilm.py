@@ -139,15 +139,19 @@ def test_checkpoints_can_leave_the_pretrained_encoder_to_the_package(model):
     assert not any(k.startswith("text.encoder.") for k in slim) and "text.proj.weight" in slim
     assert sum(v.numel() for v in slim.values()) < 0.1 * sum(v.numel() for v in state.values())
 
-    fresh = create_model(CONFIG)
-    full = mm.restore_package_weights(fresh, slim, meta)
+    cfg = get_model_config(CONFIG)
+    fresh = create_model(
+        dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, extra={"weights": "none"}))
+    )
+    full = mm.restore_package_weights(cfg.text, slim, meta)  # model-free: right after reading the file
     fresh.load_state_dict(full, strict=True)
     ids = tokens(SENTENCES, 32)
     with torch.no_grad():
         assert torch.equal(fresh.encode_text(ids), model.encode_text(ids))
+    assert mm.restore_package_weights(cfg.text, slim, {}).keys() == slim.keys()  # no flag: nothing added
 
     with pytest.raises(CheckpointError, match="other MiniLM weights"):
-        mm.restore_package_weights(fresh, slim, {mm.PACKAGE_META_KEY: {"sha256": "0" * 64}})
+        mm.restore_package_weights(cfg.text, slim, {mm.PACKAGE_META_KEY: {"sha256": "0" * 64}})
 
 
 def test_a_changed_encoder_is_kept_in_checkpoints():

@@ -15,7 +15,7 @@ def test_zoo_has_the_openclip_names():
 
 
 def test_every_config_parses():
-    for name in list_models():
+    for name in list_models("clip"):
         cfg = get_model_config(name)
         assert cfg.vision.image_size % cfg.vision.patch_size == 0
         assert cfg.vision.width % cfg.vision.heads == 0 and cfg.text.width % cfg.text.heads == 0
@@ -25,6 +25,14 @@ def test_quickgelu_is_a_config_field():
     assert get_model_config("ViT-B-32").vision.act == "gelu"
     assert get_model_config("ViT-B-32-quickgelu").vision.act == "quick_gelu"
     assert get_model_config("ViT-B-32-quickgelu").text.act == "quick_gelu"
+
+
+def test_other_architectures_are_listed_but_not_built_as_clip(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"architecture": "beit3", "width": 8}))
+    with pytest.raises(ConfigError, match="not a CLIP dual encoder"):
+        get_model_config(str(path))
+    assert set(list_models("clip")) <= set(list_models())
 
 
 def test_vit_b32_parameter_count_matches_openai():
