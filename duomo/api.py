@@ -1,4 +1,4 @@
-"""Python API: `duomo.load(...)` returns a `Pipeline` that embeds images and texts and classifies zero-shot."""
+"""Python API: `duomo.load(...)` gives a `Pipeline` that embeds images and texts and classifies zero-shot."""
 
 from __future__ import annotations
 

@@ -32,13 +32,12 @@ DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: c
 def models() -> None:
     """List the built-in model configs and the checkpoints shipped with duomo."""
     from duomo import list_pretrained
-    from duomo.models import get_model_config, list_models
-
-    from duomo.models import model_architecture
+    from duomo.models import get_model_config, list_models, model_architecture
 
     names = list_pretrained() + list_models()
     width = max(map(len, names))
-    table = make_table("name", "kind", "embed", "image", "patch", "vision w×l", "text w×l", "act", key_width=width)
+    headers = ("name", "kind", "embed", "image", "patch", "vision w×l", "text w×l", "act")
+    table = make_table(*headers, key_width=width)
     for name in list_pretrained():
         table.add_row(name, "trained checkpoint", "", "", "", "", "", "")
     for name in list_models():
