@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting (alternating servers)")
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-wait-ms", type=float, default=0.0)
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="OMP_NUM_THREADS for the servers (0: default)"
     )

@@ -20,7 +20,7 @@ def serve(
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most items in one model call."),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="Longest an item waits for a batch."),
+    max_wait_ms: float = typer.Option(0.0, "--max-wait-ms", min=0, help="Longest an item waits for a batch."),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Items waiting per queue before 429s."),
     api_key: list[str] = typer.Option(
         None, "--api-key", help="Accepted Bearer key (repeatable; also $DUOMO_API_KEYS, comma-separated)."

@@ -21,7 +21,7 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_batch: int = Field(32, ge=1, le=4096, description="most items in one model call")
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="longest an item waits for a batch to fill")
+    max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="longest an item waits for a batch to fill")
     max_queue: int = Field(256, ge=1, description="most items waiting per queue; beyond it requests get 429")
     api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys; empty: no auth")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
