@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "duomo.cli.serve",
     "duomo.cli.train",
     "duomo.cli.eval",
+    "duomo.cli.beit3",
 ]
 for _name in COMMAND_MODULES:
     try:

@@ -1,0 +1,114 @@
+"""BEiT-3 task commands: `duomo ask`, `duomo caption`, `duomo beit3-train` (MDM pretraining, fine-tuning)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+ModelDirOpt = typer.Option(..., "--model", "-m", help="A fine-tuned model folder (duomo beit3-train --out).")
+
+
+def _image_path(image: str) -> str:
+    """The image argument, checked to exist so the error names the file."""
+    from duomo.errors import ImageError
+
+    if not Path(image).is_file():
+        raise ImageError(f"no such image file: {image}")
+    return image
+
+
+def ask_command(
+    image: str = typer.Argument(..., help="Image file."),
+    question: str = typer.Argument(..., help='Question, e.g. "what color is the star?".'),
+    model: Path = ModelDirOpt,
+) -> None:
+    """Answer a question about an image with a BEiT-3 VQA model; prints the answer and its probability."""
+    from duomo.tasks.vqa import answer, load_vqa
+
+    path = _image_path(image)
+    vqa = load_vqa(model)
+    text, prob = answer(vqa, path, question)
+    typer.echo(f"{text}\t{prob:.3f}")
+
+
+def caption_command(
+    image: str = typer.Argument(..., help="Image file."),
+    model: Path = ModelDirOpt,
+    beam: int = typer.Option(1, "--beam", min=1, help="Beam width (1: greedy)."),
+    max_len: int = typer.Option(30, "--max-len", min=1, help="Most tokens to generate."),
+) -> None:
+    """Caption an image with a BEiT-3 captioning model."""
+    from duomo.tasks.caption import caption_image, load_caption
+
+    path = _image_path(image)
+    typer.echo(caption_image(load_caption(model), path, beam, max_len))
+
+
+def train_command(
+    task: str = typer.Argument(..., help="pretrain (masked data modelling), vqa or caption."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model."),
+    init: Path = typer.Option(None, "--init", help="Start from a pretrained folder (beit3-train pretrain)."),
+    config: str = typer.Option("beit3-tiny", "--config", help="BEiT-3 config name or JSON (fresh start)."),
+    steps: int = typer.Option(300, "--steps", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
+    lr: float = typer.Option(1e-3, "--lr"),
+    size: int = typer.Option(2000, "--size", "-n", min=8, help="Shapes training images."),
+    eval_size: int = typer.Option(200, "--eval-size", min=0, help="Images per eval split (0: no eval)."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
+) -> None:
+    """Pretrain (MDM) or fine-tune (VQA, captioning) a BEiT-3 on the shapes world; evals print as JSON."""
+    import torch
+
+    from duomo.errors import InputError
+    from duomo.train import mdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    log_every = max(1, steps // 10)
+    if task == "pretrain":
+        if init is not None:
+            raise InputError("pretrain starts from scratch; drop --init")
+        model, _ = mdm.pretrain_shapes(config, steps, batch_size, lr, size, seed, log_every)
+        console.print(f"saved {mdm.save_mdm(model, out)}")
+        return
+    pretrained = mdm.load_mdm(init) if init is not None else None
+    if task == "vqa":
+        from duomo.tasks import vqa
+
+        torch.manual_seed(seed)
+        model = vqa.new_vqa_model(config, pretrained.beit3 if pretrained else None)
+        train = vqa.ShapesVQA("train", size, model.beit3.cfg, model.answers, seed=seed)
+        vqa.finetune_vqa(model, train, steps, batch_size, lr, seed, log_every)
+        console.print(f"saved {vqa.save_vqa(model, out)}")
+        if eval_size:
+            for split, data in vqa.vqa_splits(model.beit3.cfg, eval_size, seed).items():
+                typer.echo(json.dumps({"task": "vqa", "split": split, **vqa.evaluate_vqa(model, data)}))
+        return
+    if task == "caption":
+        from duomo.tasks import caption
+
+        torch.manual_seed(seed)
+        model = caption.new_caption_model(config, pretrained)
+        train = caption.ShapesCaptions("train", size, model.beit3.cfg, seed=seed)
+        caption.finetune_caption(model, train, steps, batch_size, lr, seed, log_every)
+        console.print(f"saved {caption.save_caption(model, out)}")
+        if eval_size:
+            for split in ("val", "heldout"):
+                data = caption.ShapesCaptions(split, eval_size, model.beit3.cfg, seed=seed + 1)
+                record = {"task": "caption", "split": split, **caption.evaluate_caption(model, data)}
+                typer.echo(json.dumps(record))
+        return
+    raise InputError(f"unknown task {task!r}; choose pretrain, vqa or caption")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `duomo ask`, `duomo caption` and `duomo beit3-train` to the app."""
+    app.command("ask")(ask_command)
+    app.command("caption")(caption_command)
+    app.command("beit3-train")(train_command)
