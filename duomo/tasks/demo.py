@@ -41,7 +41,7 @@ def zero_shot_section(pipe: duomo.Pipeline, console: Console) -> None:
         correct += ok
         table.add_row(sample["label_name"], f"[{'green' if ok else 'red'}]{label}[/]", f"{p:.2f}")
     console.print(table)
-    console.print(f"{correct}/{len(samples)} correct; labels were never fine-tuned on: zero-shot from text.")
+    console.print(f"{correct}/{len(samples)} correct: zero-shot, the labels are given as text at test time.")
 
 
 def interop_section(pipe: duomo.Pipeline, out: Path, console: Console) -> None:
