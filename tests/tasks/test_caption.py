@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from duomo.errors import CheckpointError
-from duomo.models.beit3 import BEiT3, BEiT3Config
+from duomo.models.beit3 import BEiT3, get_beit3_config
 from duomo.tasks.caption import (
     BEiT3ForCaptioning,
     CaptionObjective,
@@ -30,20 +31,8 @@ torch.set_num_threads(1)
 def tiny(shared: bool = False) -> BEiT3ForCaptioning:
     """A 2-layer captioner on 32 px images; `shared` is the paper's layout with a VL expert on top."""
     torch.manual_seed(0)
-    cfg = BEiT3Config(
-        image_size=32,
-        patch_size=8,
-        width=32,
-        layers=2,
-        heads=2,
-        ffn_dim=64,
-        vocab_size=49408,
-        max_text_positions=40,
-        tokenizer="clip",
-        subln=not shared,
-        shared_attention=shared,
-        vl_layers=1 if shared else 0,
-    )
+    layout = {"subln": not shared, "shared_attention": shared, "vl_layers": 1 if shared else 0}
+    cfg = dataclasses.replace(get_beit3_config("beit3-micro"), **layout)
     return BEiT3ForCaptioning(BEiT3(cfg)).eval()
 
 

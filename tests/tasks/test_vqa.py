@@ -8,7 +8,7 @@ import torch
 from duomo.cli import main
 from duomo.data.shapes import ShapesDataset
 from duomo.errors import CheckpointError
-from duomo.models.beit3 import BEiT3, BEiT3Config
+from duomo.models.beit3 import BEiT3, get_beit3_config
 from duomo.tasks.caption import BEiT3ForCaptioning, save_caption
 from duomo.tasks.vqa import (
     ShapesVQA,
@@ -24,17 +24,7 @@ from duomo.tasks.vqa import (
 )
 
 torch.set_num_threads(1)
-CFG = BEiT3Config(
-    image_size=32,
-    patch_size=8,
-    width=32,
-    layers=2,
-    heads=2,
-    ffn_dim=64,
-    vocab_size=49408,
-    max_text_positions=40,
-    tokenizer="clip",
-)
+CFG = get_beit3_config("beit3-micro")
 
 
 def tiny() -> VQAModel:

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from duomo.models.beit3 import BEiT3, BEiT3Config
+from duomo.models.beit3 import BEiT3, get_beit3_config
 from duomo.train.mdm import (
     BEiT3ForMDM,
     MDMConfig,
@@ -26,17 +26,7 @@ SOT, EOT = 49406, 49407
 def tiny() -> BEiT3ForMDM:
     """A 2-layer model on 32 px images (a 4 x 4 patch grid)."""
     torch.manual_seed(0)
-    cfg = BEiT3Config(
-        image_size=32,
-        patch_size=8,
-        width=32,
-        layers=2,
-        heads=2,
-        ffn_dim=64,
-        vocab_size=49408,
-        max_text_positions=40,
-        tokenizer="clip",
-    )
+    cfg = get_beit3_config("beit3-micro")
     return BEiT3ForMDM(BEiT3(cfg))
 
 
