@@ -126,6 +126,10 @@ class DigitsDataset(torch.utils.data.Dataset):
         label = int(_load()[1][source])
         return self._rng(source).choice(self.templates).format(CLASSES[label], digit=str(label))
 
+    def texts(self) -> list[str]:
+        """Every sample's caption, without rendering images."""
+        return [self.caption(i) for i in range(len(self))]
+
     def __getitem__(self, index: int) -> dict:
         """{"image", "text", "label", "key"} of one sample; caption and colours are fixed by (seed, index)."""
         if not -len(self) <= index < len(self):

@@ -123,6 +123,16 @@ class RecordDataset(Dataset):
             label = read_label(rec.label_file)
         return {"image": load_image(rec.image), "text": text, "label": label, "key": rec.key}
 
+    def texts(self) -> list[str]:
+        """Every readable caption (caption files are read; unreadable ones are left out), without images."""
+        out = []
+        for rec in self.records:
+            try:
+                out.append(rec.text if rec.text is not None else read_caption(rec.caption_file))
+            except (OSError, ValueError):
+                continue
+        return out
+
     def __getitem__(self, index: int) -> dict:
         """The sample at index, or (when unreadable: counted and logged) the next readable one after it."""
         n = len(self.records)

@@ -439,6 +439,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         scene.metadata["index"] = index
         return scene
 
+    def texts(self) -> list[str]:
+        """Every sample's caption, without rendering images."""
+        return [self.scene(i).metadata["caption"] for i in range(self.size)]
+
     def __getitem__(self, index: int) -> dict:
         """{"image", "text", "label", "label_name", "key", "qa", "objects", "background"} of one index."""
         scene = self.scene(index)

@@ -187,6 +187,8 @@ def duomo_config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
         raise CheckpointError(
             f"vision pooling {v.pool!r} has no transformers CLIP equivalent (it uses the class token)"
         )
+    if v.stem != "patch":
+        raise CheckpointError(f"vision stem {v.stem!r} has no transformers CLIP equivalent")
     if t.kind != "transformer" or t.pool not in ("argmax", "eos"):
         raise CheckpointError(
             f"text tower {t.kind!r} with pooling {t.pool!r} has no transformers CLIP equivalent"

@@ -245,6 +245,8 @@ def duomo_config_to_openclip(cfg: CLIPConfig) -> dict[str, Any]:
         raise CheckpointError(
             f"text tower kind {t.kind!r} has no OpenCLIP equivalent; export to duomo format"
         )
+    if v.stem != "patch":
+        raise CheckpointError(f"vision stem {v.stem!r} has no OpenCLIP equivalent; export to duomo format")
     if len(acts) > 1 and "quick_gelu" in acts:
         raise CheckpointError(f"OpenCLIP needs one activation family for both towers, got {sorted(acts)}")
     if not acts <= {"gelu", "quick_gelu", "gelu_tanh"}:

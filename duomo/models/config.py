@@ -22,6 +22,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     act: str = "gelu"
     pool: str = "tok"  # "tok": class token, "avg": mean of patch tokens
+    stem: str = "patch"  # "patch": one strided conv (ViT); "conv": stride-2 3x3 convs (Xiao et al. 2021)
     norm_eps: float = 1e-5
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)

@@ -42,14 +42,43 @@ def sample_seed(seed: int, epoch: int, index: int | str) -> int:
     return random.Random(f"duomo-train/{seed}/{epoch}/{index}").getrandbits(63)
 
 
-def swap_negative(text: str, rng: random.Random, groups: Sequence[Sequence[str]] = SWAP_GROUPS) -> str:
-    """A hard negative caption: an attribute word replaced by another of its group, else two words swapped."""
+Bigrams = frozenset[tuple[str, str]]
+
+
+def caption_bigrams(texts: Iterable[str]) -> Bigrams:
+    """Adjacent lower-cased word pairs of captions, with "^" and "$" marking the start and the end."""
+    pairs: set[tuple[str, str]] = set()
+    for text in texts:
+        words = ["^", *(w.lower() for w in _WORD.findall(text)), "$"]
+        pairs.update(zip(words, words[1:], strict=False))
+    return frozenset(pairs)
+
+
+def _fits(words: list[re.Match], i: int, new: str, seen: Bigrams) -> bool:
+    """Whether `new` in place of word i makes only word pairs that occur in `seen`."""
+    left = words[i - 1].group().lower() if i > 0 else "^"
+    right = words[i + 1].group().lower() if i + 1 < len(words) else "$"
+    return (left, new) in seen and (new, right) in seen
+
+
+def swap_negative(
+    text: str, rng: random.Random, groups: Sequence[Sequence[str]] = SWAP_GROUPS, seen: Bigrams | None = None
+) -> str:
+    """A hard negative caption: an attribute word replaced by another of its group, else two words swapped.
+
+    With `seen` (the training captions' `caption_bigrams`), a replacement is only made where every word pair
+    it creates occurs in some training caption: a negative never names a combination the data has no positive
+    for ("purple heart" when no caption has one), which would otherwise teach "this phrase is always false"
+    and wreck zero-shot on exactly the unseen combinations (docs/benchmarks.md).
+    """
     words = list(_WORD.finditer(text))
     options = []
-    for m in words:
+    for i, m in enumerate(words):
         for group in groups:
             if m.group().lower() in group:
-                options.extend((m, w) for w in group if w != m.group().lower())
+                word = m.group().lower()
+                fits = [w for w in group if w != word and (seen is None or _fits(words, i, w, seen))]
+                options.extend((m, w) for w in fits)
     if options:
         m, new = rng.choice(options)
         return text[: m.start()] + new + text[m.end() :]
@@ -64,12 +93,12 @@ def swap_negative(text: str, rng: random.Random, groups: Sequence[Sequence[str]]
     return text[: a.start()] + b.group() + text[a.end() : b.start()] + a.group() + text[b.end() :]
 
 
-def hard_negatives(sample: dict, n: int, rng: random.Random) -> list[str]:
+def hard_negatives(sample: dict, n: int, rng: random.Random, seen: Bigrams | None = None) -> list[str]:
     """`n` negative captions: the sample's own "negatives" if it has them (cycled), else generated swaps."""
     given = sample.get("negatives")
     if given:
         return [given[i % len(given)] for i in range(n)]
-    return [swap_negative(sample["text"], rng) for _ in range(n)]
+    return [swap_negative(sample["text"], rng, seen=seen) for _ in range(n)]
 
 
 class PreparedPairs(Dataset):
@@ -82,14 +111,10 @@ class PreparedPairs(Dataset):
         seed: int,
         epoch: int,
         n_neg: int = 0,
+        seen: Bigrams | None = None,
     ) -> None:
-        self.dataset, self.transform, self.seed, self.epoch, self.n_neg = (
-            dataset,
-            transform,
-            seed,
-            epoch,
-            n_neg,
-        )
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, epoch
+        self.n_neg, self.seen = n_neg, seen
 
     def __len__(self) -> int:
         """Number of samples of the underlying dataset."""
@@ -98,10 +123,13 @@ class PreparedPairs(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """{"pixels", "text", "label"[, "negatives"]} of one sample."""
         sample = self.dataset[index]
-        return prepare(sample, self.transform, sample_seed(self.seed, self.epoch, index), self.n_neg)
+        seed = sample_seed(self.seed, self.epoch, index)
+        return prepare(sample, self.transform, seed, self.n_neg, self.seen)
 
 
-def prepare(sample: dict, transform: Callable[[Any], torch.Tensor], seed: int, n_neg: int) -> dict[str, Any]:
+def prepare(
+    sample: dict, transform: Callable[[Any], torch.Tensor], seed: int, n_neg: int, seen: Bigrams | None = None
+) -> dict[str, Any]:
     """Transform one sample under `seed`, leaving the caller's global torch RNG untouched."""
     rng = torch.default_generator  # torch.manual_seed costs ~0.4 ms a call; the generator's own is ~1 us
     state = rng.get_state()
@@ -112,7 +140,7 @@ def prepare(sample: dict, transform: Callable[[Any], torch.Tensor], seed: int, n
         rng.set_state(state)
     out = {"pixels": pixels, "text": sample["text"], "label": sample.get("label")}
     if n_neg:
-        out["negatives"] = hard_negatives(sample, n_neg, random.Random(seed))
+        out["negatives"] = hard_negatives(sample, n_neg, random.Random(seed), seen)
     return out
 
 
@@ -153,20 +181,22 @@ class _IterablePrepared(IterableDataset):
     """A streaming dataset's samples prepared under per-key seeds; it splits itself over ranks and workers."""
 
     def __init__(
-        self, dataset: IterableDataset, transform: Callable, seed: int, epoch: int, n_neg: int
+        self,
+        dataset: IterableDataset,
+        transform: Callable,
+        seed: int,
+        epoch: int,
+        n_neg: int,
+        seen: Bigrams | None = None,
     ) -> None:
-        self.dataset, self.transform, self.seed, self.epoch, self.n_neg = (
-            dataset,
-            transform,
-            seed,
-            epoch,
-            n_neg,
-        )
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, epoch
+        self.n_neg, self.seen = n_neg, seen
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i, sample in enumerate(self.dataset):
             key = sample.get("key", i)
-            yield prepare(sample, self.transform, sample_seed(self.seed, self.epoch, key), self.n_neg)
+            seed = sample_seed(self.seed, self.epoch, key)
+            yield prepare(sample, self.transform, seed, self.n_neg, self.seen)
 
 
 def pair_loader_factory(
@@ -181,8 +211,12 @@ def pair_loader_factory(
     hard_negatives: int = 0,
     shuffle: bool = True,
     pin_memory: bool = False,
+    seen: Bigrams | None = None,
 ) -> LoaderFactory:
-    """`make(epoch, start)`: this rank's batches of `epoch` from batch `start` on (full batches only)."""
+    """`make(epoch, start)`: this rank's batches of `epoch` from batch `start` on (full batches only).
+
+    `seen`: word pairs of the training captions that generated hard negatives must keep to (`swap_negative`).
+    """
     collate = PairCollate(tokenizer)
 
     def make(epoch: int, start: int) -> Iterable[Batch]:
@@ -198,12 +232,12 @@ def pair_loader_factory(
             stream = copy.copy(dataset)  # a fresh pass per epoch, whatever the original has iterated
             if hasattr(stream, "set_epoch"):
                 stream.set_epoch(epoch)
-            prepared = _IterablePrepared(stream, transform, seed, epoch, hard_negatives)
+            prepared = _IterablePrepared(stream, transform, seed, epoch, hard_negatives, seen)
             loader = DataLoader(prepared, batch_size=batch_size, drop_last=True, **common)
             return itertools.islice(loader, start, None)  # no random access: read and drop what was seen
         if not hasattr(dataset, "__len__"):
             raise InputError("training data must be a map-style dataset (with len) or an IterableDataset")
-        prepared = PreparedPairs(dataset, transform, seed, epoch, hard_negatives)
+        prepared = PreparedPairs(dataset, transform, seed, epoch, hard_negatives, seen)
         sampler = DistributedSampler(
             prepared, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
         )

@@ -18,7 +18,7 @@ from duomo.errors import InputError
 from duomo.models import CLIP, create_model
 from duomo.train.checkpoint import seed_everything
 from duomo.train.config import TrainConfig
-from duomo.train.data import pair_loader_factory
+from duomo.train.data import caption_bigrams, pair_loader_factory
 from duomo.train.distributed import DistInfo, cleanup, init_distributed
 from duomo.train.losses import build_loss
 from duomo.train.trainer import ContrastiveObjective, Trainer
@@ -76,6 +76,15 @@ def build_dataset(spec: str, image_size: int, size: int = 2048) -> Dataset:
     )
 
 
+def negative_vocabulary(dataset: Dataset) -> frozenset[tuple[str, str]] | None:
+    """The word pairs of the training captions, which generated hard negatives keep to; None for streams."""
+    texts = getattr(dataset, "texts", None)
+    if texts is None:
+        log.info("hard negatives: %s cannot list its captions up front; swaps are not restricted", dataset)
+        return None
+    return caption_bigrams(texts())
+
+
 def export_meta(cfg: TrainConfig, dataset: Dataset) -> dict[str, Any]:
     """What the exported model records about its training."""
     meta: dict[str, Any] = {
@@ -110,6 +119,7 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> dict[str, Any]:
             seed=cfg.seed,
             hard_negatives=cfg.hard_negatives,
             pin_memory=info.device.type == "cuda",
+            seen=negative_vocabulary(dataset) if cfg.hard_negatives else None,
         )
         objective = ContrastiveObjective(build_loss(cfg.loss, cfg.local_loss, cfg.gather_with_grad))
         trainer = Trainer(model, objective, loaders, cfg, info, meta=export_meta(cfg, dataset))

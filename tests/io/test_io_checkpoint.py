@@ -230,3 +230,13 @@ def test_hub_download_is_used_for_repo_ids(monkeypatch, micro, tmp_path):
     )
     cfg, _ = read_checkpoint("hf-hub:someone/micro")
     assert seen == ["someone/micro"] and cfg == micro.config
+
+
+@pytest.mark.parametrize("fmt", ["openclip", "hf"])
+def test_conv_stem_has_no_foreign_export(tmp_path, fmt):
+    cfg = get_model_config("ViT-micro").to_dict()
+    cfg["vision"]["stem"] = "conv"
+    model = create_model(CLIPConfig.from_dict(cfg))
+    with pytest.raises(CheckpointError, match="stem 'conv'"):
+        export(model, tmp_path / ("x.pt" if fmt == "openclip" else "x"), fmt)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.pt").exists()

@@ -157,3 +157,33 @@ def test_text_tower_skips_trailing_padding_exactly():
     x = model.text.norm(model.text.transformer(x, model.text.attn_mask))
     full = model.text.proj(x[torch.arange(2), tokens.argmax(-1)])
     torch.testing.assert_close(short, full, atol=1e-6, rtol=1e-5)
+
+
+def test_conv_stem_gives_the_patch_grid_and_round_trips(tmp_path):
+    """The conv stem (Xiao et al. 2021) makes the same token grid as patchify and saves/loads exactly."""
+    from duomo.io import load_into, read_checkpoint, save_native
+
+    cfg = CLIPConfig.from_dict(
+        {"embed_dim": 16, "vision": {"image_size": 32, "patch_size": 8, "width": 32, "heads": 2, "layers": 1,
+                                     "stem": "conv"},
+         "text": {"context_length": 8, "width": 16, "heads": 2, "layers": 1}}
+    )  # fmt: skip
+    model = create_model(cfg).eval()
+    assert isinstance(model.visual.patch_embed, torch.nn.Sequential)
+    images = torch.randn(2, 3, 32, 32)
+    assert model.visual.forward_features(images).shape == (2, 1 + 16, 32)
+    save_native(model, tmp_path / "m", {})
+    config, state = read_checkpoint(tmp_path / "m")
+    assert config.vision.stem == "conv"
+    again = create_model(config).eval()
+    load_into(again, state)
+    torch.testing.assert_close(again.encode_image(images), model.encode_image(images), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("stem, patch, message", [("x", 8, "stem"), ("conv", 6, "power-of-two")])
+def test_bad_vision_stems_are_config_errors(stem, patch, message):
+    cfg = CLIPConfig.from_dict(
+        {"vision": {"image_size": 48, "patch_size": patch, "width": 16, "heads": 2, "stem": stem}}
+    )
+    with pytest.raises(ConfigError, match=message):
+        create_model(cfg)
