@@ -53,7 +53,7 @@ def eval_command(
     weights: str = WeightsOpt,
     device: str = DeviceOpt,
     split: str = typer.Option(
-        None, "--split", help="shapes: val|heldout (default both); digits: test|train|all."
+        None, "--split", help="shapes: val|heldout|heldout-all (default all three); digits: test|train|all."
     ),
     size: int = typer.Option(None, "--size", "-n", min=1, help="Samples per split (shapes default 1000)."),
     templates: str = TemplatesOpt,

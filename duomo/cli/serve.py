@@ -16,6 +16,12 @@ def serve(
     ),
     index: Path = typer.Option(None, "--index", help="Image index for /search (default: duomo's index dir)."),
     no_index: bool = typer.Option(False, "--no-index", help="Serve embeddings only: no /search, no /images."),
+    vqa_model: Path = typer.Option(
+        None, "--vqa-model", help="BEiT-3 VQA model folder (duomo beit3-train vqa --out) to serve at /vqa."
+    ),
+    caption_model: Path = typer.Option(
+        None, "--caption-model", help="BEiT-3 captioning model folder to serve at /caption."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
@@ -28,7 +34,7 @@ def serve(
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.01, help="Largest request body, in MiB."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
-    """Serve embeddings (OpenAI-compatible), zero-shot classification, image search and a web page."""
+    """Serve embeddings (OpenAI-compatible), zero-shot classification, image search, VQA, captions, a page."""
     import uvicorn
 
     from duomo.serve import ServeSettings, create_app
@@ -40,6 +46,8 @@ def serve(
         device=device,
         index_dir=index,
         use_index=not no_index,
+        vqa_model=vqa_model,
+        caption_model=caption_model,
         host=host,
         port=port,
         max_batch=max_batch,

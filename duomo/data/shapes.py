@@ -394,9 +394,17 @@ class ShapesDataset(torch.utils.data.Dataset):
         caption_style: str = "mixed",
         heldout_seed: int = 0,
         supersample: int = 2,
+        label_space: str = "split",
     ) -> None:
-        """Configure the world; nothing is rendered until an index is read."""
+        """Configure the world; nothing is rendered until an index is read.
+
+        `label_space`: "split" labels index the split's own classes (`class_names(split)`); "all" labels index
+        every colour-shape combination, so held-out images compete with the seen classes too (the test where
+        a memorising model calls an unseen "red star" by a name it saw in training).
+        """
         _check_split(split)
+        if label_space not in ("split", "all"):
+            raise InputError(f"label_space must be 'split' or 'all', got {label_space!r}")
         if not 1 <= max_objects <= len(POSITIONS):
             raise InputError(f"max_objects must be between 1 and {len(POSITIONS)}, got {max_objects}")
         if caption_style != "mixed" and caption_style not in CAPTION_STYLES:
@@ -408,7 +416,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.split, self.size, self.image_size, self.seed = split, int(size), int(image_size), int(seed)
         self.max_objects, self.caption_style, self.heldout_seed = max_objects, caption_style, heldout_seed
         self.supersample = supersample
-        self.classes: list[str] = class_names(split, heldout_seed)
+        self.classes: list[str] = (
+            class_names(split, heldout_seed)
+            if label_space == "split"
+            else [f"{c} {s}" for c, s in all_pairs()]
+        )
         self._class_index = {name: i for i, name in enumerate(self.classes)}
         seen = seen_pairs(heldout_seed)
         if split == "heldout":

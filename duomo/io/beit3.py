@@ -232,10 +232,16 @@ def to_unilm(model: nn.Module) -> StateDict:
             if k.startswith(PREFIX):
                 k = PREFIX + (_rename(k[len(PREFIX) :], _TO_TORCHSCALE, _EXPERT_BACK) or k[len(PREFIX) :])
             sd[k] = v
-    if cfg.shared_attention or cfg.vl_layers or cfg.pos_offset != 2 or cfg.act != "gelu":
+    if (
+        cfg.shared_attention
+        or cfg.vl_layers
+        or cfg.pos_offset != 2
+        or cfg.act != "gelu"
+        or cfg.stem != "patch"
+    ):
         raise CheckpointError(
             "only the torchscale layout exports to unilm/torchscale (shared_attention=False, vl_layers=0, "
-            "pos_offset=2, act='gelu'); save this model in duomo's own format instead"
+            "pos_offset=2, act='gelu', stem='patch'); save this model in duomo's own format instead"
         )
     return sd
 

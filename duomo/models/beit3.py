@@ -19,7 +19,7 @@ from torch import nn
 
 from duomo.errors import ConfigError, InputError
 from duomo.models.multiway import Multiway, MultiwayTransformer, route
-from duomo.models.vit import interpolate_positions
+from duomo.models.vit import conv_stem, interpolate_positions
 
 CONFIG_DIR = resources.files("duomo.models") / "configs"
 ARCHITECTURE = "beit3"  # the "architecture" field of a BEiT-3 config JSON
@@ -50,11 +50,16 @@ class BEiT3Config:
     shared_attention: bool = False  # the paper's layout: one attention + LayerNorm for both modalities
     vl_layers: int = 0  # top layers with a vision-language expert for image+text input
     drop_path_rate: float = 0.0
+    stem: str = (
+        "patch"  # "patch": one strided conv (released models); "conv": duomo's conv stem (vit.conv_stem)
+    )
     tokenizer: str = "beit3-spm"  # XLM-R SentencePiece (unilm's beit3.spm), pad id 1
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
+        if self.stem not in ("patch", "conv"):
+            raise ConfigError(f"unknown vision stem {self.stem!r}; choose 'patch' or 'conv'")
         if self.image_size % self.patch_size != 0:
             raise ConfigError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -119,7 +124,15 @@ class VisionEmbedding(nn.Module):
 
     def __init__(self, cfg: BEiT3Config) -> None:
         super().__init__()
-        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.width, cfg.patch_size, cfg.patch_size)
+        if cfg.stem == "conv":
+            if cfg.in_chans != 3:
+                raise ConfigError(f"the conv stem takes RGB images, not in_chans={cfg.in_chans}")
+            try:
+                self.patch_embed: nn.Module = conv_stem(cfg.width, cfg.patch_size)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        else:
+            self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.width, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
 

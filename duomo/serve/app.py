@@ -23,6 +23,7 @@ from duomo.serve.security import BodySizeLimitMiddleware
 from duomo.serve.service import ModelService
 from duomo.serve.settings import ServeSettings
 from duomo.serve.state import ServerState
+from duomo.serve.tasks import TaskService
 
 log = logging.getLogger("duomo.serve")
 
@@ -94,7 +95,7 @@ def index_model(index_dir: Path | None) -> str | None:
 
 
 def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | None = None) -> FastAPI:
-    """Build the app: load the model (unless `pipeline` is given) and the index named in `settings`.
+    """Build the app: load the model (unless `pipeline` is given), the index and the VQA/caption models.
 
     Without a model in the settings, the server uses the index's own model (as `duomo index` does), else
     duomo's default model.
@@ -108,16 +109,21 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
     metrics = ServerMetrics()
     model = ModelService(pipeline, settings, observer=metrics)
     index = IndexService(index_dir, pipeline)
-    state = ServerState(settings=settings, metrics=metrics, model=model, index=index)
+    tasks = TaskService(settings, model.executor, model.decoder, observer=metrics, device=pipeline.device)
+    state = ServerState(settings=settings, metrics=metrics, model=model, index=index, tasks=tasks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await model.start()
+        await tasks.start()
         log.info("duomo serve: model %s (dim %d), index %s", model.name, model.dim, index.index_dir)
+        for task, name in tasks.names.items():
+            log.info("duomo serve: /%s model %s", task, name)
         try:
             yield
         finally:
             state.draining = True
+            await tasks.close(drain=True)  # before the model service stops the model thread they share
             await model.close(drain=True)
             index.close()
 
@@ -126,7 +132,10 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
     app = FastAPI(
         title="duomo",
         version=__version__,
-        description="Image+text embeddings (OpenAI-compatible), zero-shot classification and image search.",
+        description=(
+            "Image+text embeddings (OpenAI-compatible), zero-shot classification, image search, and (with "
+            "BEiT-3 task models) visual question answering and captioning."
+        ),
         lifespan=lifespan,
         redoc_url=None,
     )

@@ -18,6 +18,8 @@ from starlette.datastructures import FormData, UploadFile
 
 from duomo.serve.errors import ApiError
 from duomo.serve.schemas import (
+    CaptionRequest,
+    CaptionResponse,
     ClassifyRequest,
     ClassifyResponse,
     EmbeddingsRequest,
@@ -28,6 +30,8 @@ from duomo.serve.schemas import (
     HealthResponse,
     SearchRequest,
     SearchResponse,
+    VQARequest,
+    VQAResponse,
 )
 from duomo.serve.search import image_id, media_type
 from duomo.serve.security import require_api_key
@@ -293,6 +297,80 @@ async def classify(request: Request) -> JSONResponse:
     )
 
 
+def _single_image(data: dict[str, Any], images: list[str | bytes]) -> dict[str, Any]:
+    if images:
+        data["image"] = images[0] if len(images) == 1 else images
+    return data
+
+
+async def _vqa_form(form: FormData) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    question = form.get("question")
+    if isinstance(question, str):
+        data["question"] = question
+    return _single_image(data, await _form_images(form, "image"))
+
+
+class _VQAInput(VQARequest):
+    image: str | bytes  # type: ignore[assignment]
+
+
+@protected.post(
+    "/vqa",
+    response_model=VQAResponse,
+    openapi_extra=_body_doc(
+        VQARequest, {"image": {"type": "string", "format": "binary"}, "question": {"type": "string"}}
+    ),
+)
+async def vqa(request: Request) -> JSONResponse:
+    """Answer a question about one image with the server's BEiT-3 VQA model (503 if it has none)."""
+    state = get_state(request)
+    name = state.tasks.require("vqa")
+    body = await read_body(request, _VQAInput, _vqa_form)
+    question, limit = body.question, state.settings.max_question_chars
+    if not question.strip():
+        example = "e.g. 'what color is the star?'"
+        raise ApiError(400, f"question is empty; ask something about the image, {example}", param="question")
+    if len(question) > limit:
+        message = f"question has {len(question)} characters; the limit is {limit}"
+        raise ApiError(400, message, param="question")
+    text, score = await state.tasks.answer(body.image, question)
+    return JSONResponse({"model": name, "answer": text, "score": score})
+
+
+async def _caption_form(form: FormData) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for field in ("beam", "max_length"):
+        if form.get(field) not in (None, ""):
+            data[field] = form.get(field)
+    return _single_image(data, await _form_images(form, "image"))
+
+
+class _CaptionInput(CaptionRequest):
+    image: str | bytes  # type: ignore[assignment]
+
+
+@protected.post(
+    "/caption",
+    response_model=CaptionResponse,
+    openapi_extra=_body_doc(
+        CaptionRequest,
+        {
+            "image": {"type": "string", "format": "binary"},
+            "beam": {"type": "integer"},
+            "max_length": {"type": "integer"},
+        },
+    ),
+)
+async def caption(request: Request) -> JSONResponse:
+    """Caption one image with the server's BEiT-3 captioning model (503 if it has none)."""
+    state = get_state(request)
+    name = state.tasks.require("caption")
+    body = await read_body(request, _CaptionInput, _caption_form)
+    text = await state.tasks.caption(body.image, body.beam, body.max_length)
+    return JSONResponse({"model": name, "caption": text})
+
+
 async def _run_search(
     state: ServerState, query: str | None, image: str | bytes | None, k: int
 ) -> JSONResponse:
@@ -388,7 +466,7 @@ async def healthz(request: Request) -> JSONResponse:
     model = state.model
     queues = {
         b.name: {"depth": b.depth, "max_queue": b.max_queue, "running": b.running}
-        for b in (model.text, model.image)
+        for b in (model.text, model.image, *state.tasks.queues.values())
     }
     s = state.settings
     return JSONResponse(
@@ -398,6 +476,7 @@ async def healthz(request: Request) -> JSONResponse:
             "embed_dim": model.dim,
             "auth_required": bool(s.api_keys),
             "index": await run_in_threadpool(state.index.describe),
+            "tasks": state.tasks.describe(),
             "queues": queues,
             "limits": {
                 "max_body_bytes": s.max_body_bytes,
@@ -405,6 +484,7 @@ async def healthz(request: Request) -> JSONResponse:
                 "max_inputs": s.max_inputs,
                 "max_text_chars": s.max_text_chars,
                 "max_labels": s.max_labels,
+                "max_question_chars": s.max_question_chars,
                 "max_k": s.max_k,
             },
         }

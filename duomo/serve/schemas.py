@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_BEAM = 8
+MAX_CAPTION_LENGTH = 64  # tokens; the model's text positions may allow fewer (decoding stops there)
+
 
 class ErrorDetail(BaseModel):
     """OpenAI-style error description."""
@@ -133,6 +136,42 @@ class SearchResponse(BaseModel):
     results: list[SearchResult]
 
 
+class VQARequest(BaseModel):
+    """A question about one image, for the server's BEiT-3 VQA model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(..., description="base64 bytes of an image file, or a data: URL")
+    question: str = Field(..., description="e.g. 'what color is the star?' (at most max_question_chars)")
+
+
+class VQAResponse(BaseModel):
+    """The best answer from the model's answer vocabulary and its probability (sigmoid score, 0..1)."""
+
+    model: str
+    answer: str
+    score: float
+
+
+class CaptionRequest(BaseModel):
+    """Caption one image with the server's BEiT-3 captioning model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(..., description="base64 bytes of an image file, or a data: URL")
+    beam: int = Field(1, ge=1, le=MAX_BEAM, description="beam width; 1: greedy decoding")
+    max_length: int | None = Field(
+        None, ge=1, le=MAX_CAPTION_LENGTH, description="most tokens to generate; None: 32"
+    )
+
+
+class CaptionResponse(BaseModel):
+    """The generated caption."""
+
+    model: str
+    caption: str
+
+
 class QueueHealth(BaseModel):
     """One batcher's state."""
 
@@ -149,5 +188,8 @@ class HealthResponse(BaseModel):
     embed_dim: int
     auth_required: bool
     index: dict | None
+    tasks: dict[str, str | None] = Field(
+        default_factory=dict, description="the model behind /vqa and /caption, null where none is configured"
+    )
     queues: dict[str, QueueHealth]
     limits: dict[str, int]

@@ -18,6 +18,12 @@ class ServeSettings(BaseModel):
     device: str | None = Field(None, description="torch device; None: CUDA if available, else CPU")
     index_dir: Path | None = Field(None, description="image index for /search; None: default_index_dir()")
     use_index: bool = Field(True, description="False: no /search and no /images (embeddings only)")
+    vqa_model: Path | None = Field(
+        None, description="BEiT-3 VQA model folder (duomo beit3-train vqa --out) for /vqa; None: no /vqa"
+    )
+    caption_model: Path | None = Field(
+        None, description="BEiT-3 captioning model folder for /caption; None: no /caption"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_batch: int = Field(32, ge=1, le=4096, description="most items in one model call")
@@ -29,6 +35,7 @@ class ServeSettings(BaseModel):
     max_inputs: int = Field(128, ge=1, description="most texts+images in one request")
     max_text_chars: int = Field(8192, ge=1, description="longest text, in characters")
     max_labels: int = Field(256, ge=1, description="most labels in one /classify request")
+    max_question_chars: int = Field(200, ge=1, description="longest /vqa question, in characters")
     decode_threads: int = Field(4, ge=1, description="most images decoding at once (bounds pixel memory)")
     max_k: int = Field(200, ge=1, description="most search results per request")
     drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, how long queued work may finish")

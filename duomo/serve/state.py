@@ -1,4 +1,4 @@
-"""What the request handlers share: settings, metrics, the model service and the index service."""
+"""What the request handlers share: settings, metrics, the model, index and task services."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from duomo.serve.metrics import ServerMetrics
 from duomo.serve.search import IndexService
 from duomo.serve.service import ModelService
 from duomo.serve.settings import ServeSettings
+from duomo.serve.tasks import TaskService
 
 
 @dataclass
@@ -18,4 +19,5 @@ class ServerState:
     metrics: ServerMetrics
     model: ModelService
     index: IndexService
+    tasks: TaskService
     draining: bool = False

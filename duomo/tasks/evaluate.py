@@ -204,10 +204,14 @@ def open_eval_data(
     text = os.fspath(spec)
     name, _, given = text.partition(":")
     if name == "shapes":
-        splits = [given or split] if (given or split) else ["val", "heldout"]
+        splits = [given or split] if (given or split) else ["val", "heldout", "heldout-all"]
         n = size or SHAPES_EVAL_SIZE
         out = []
         for s in splits:
+            if s == "heldout-all":  # held-out images, labels over all 64 combinations, seen ones included
+                test = ShapesDataset("heldout", size=n, image_size=image_size, seed=seed, label_space="all")
+                out.append(EvalData("shapes", s, test, None, list(test.classes)))
+                continue
             test = ShapesDataset(s, size=n, image_size=image_size, seed=seed)
             # the probe trains on other scenes of the same classes: the train split, or more held-out scenes
             train = ShapesDataset(

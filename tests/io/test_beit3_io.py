@@ -326,3 +326,13 @@ def test_split_checkpoint_keeps_heads_apart():
         {"beit3.text_embed.weight": torch.zeros(1), "head.0.weight": torch.zeros(1)}
     )
     assert list(backbone) == ["text_embed.weight"] and list(heads) == ["head.0.weight"]
+
+
+def test_conv_stem_backbone_runs_but_does_not_export(tmp_path):
+    model = BEiT3(BEiT3Config(**TINY, stem="conv"))
+    assert isinstance(model.vision_embed.patch_embed, torch.nn.Sequential)
+    with pytest.raises(CheckpointError, match="stem='patch'"):
+        export_beit3(model, tmp_path / "x.pth")
+    assert not (tmp_path / "x.pth").exists()
+    with pytest.raises(ConfigError, match="stem"):
+        BEiT3Config(**TINY, stem="resnet")

@@ -61,3 +61,16 @@ def image_index(tmp_path_factory: pytest.TempPathFactory, pipeline: duomo.Pipeli
     if callable(close):
         close()
     return index_dir, root
+
+
+@pytest.fixture(scope="session")
+def task_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(vqa_dir, caption_dir): micro BEiT-3 VQA and captioning models with fixed random weights."""
+    from duomo.tasks.caption import new_caption_model, save_caption
+    from duomo.tasks.vqa import new_vqa_model, save_vqa
+
+    base = tmp_path_factory.mktemp("task-models")
+    torch.manual_seed(0)
+    vqa_dir = save_vqa(new_vqa_model("beit3-micro"), base / "micro-vqa")
+    caption_dir = save_caption(new_caption_model("beit3-micro"), base / "micro-caption")
+    return vqa_dir, caption_dir

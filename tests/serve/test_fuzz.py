@@ -40,10 +40,15 @@ texts = st.one_of(
     st.text(max_size=60), st.sampled_from(["", " ", "a cat", "data:image/png;base64,AAAA", "x" * 9000])
 )
 
+FORM_FIELDS = ["texts", "labels", "query", "q", "k", "top_k", "templates"]
+FORM_FIELDS += ["question", "beam", "max_length", "x"]  # /vqa and /caption fields, and one nobody knows
+
 
 @pytest.fixture(scope="module")
-def fuzz_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    """An app with a small index (so /search answers) and low limits (so limits are hit)."""
+def fuzz_client(
+    tmp_path_factory: pytest.TempPathFactory, task_models: tuple[Path, Path]
+) -> Iterator[TestClient]:
+    """An app with a small index (so /search answers), task models and low limits (so limits are hit)."""
     from duomo.index import ImageIndex
     from tests.serve.helpers import write_images
 
@@ -52,7 +57,14 @@ def fuzz_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient
     write_images(base / "imgs")
     with ImageIndex.open(base / "idx", pipeline) as idx:
         idx.update([base / "imgs"], progress=False)
-    cfg = ServeSettings(index_dir=base / "idx", max_inputs=16, max_body_bytes=64 * 1024, max_labels=16)
+    cfg = ServeSettings(
+        index_dir=base / "idx",
+        max_inputs=16,
+        max_body_bytes=64 * 1024,
+        max_labels=16,
+        vqa_model=task_models[0],
+        caption_model=task_models[1],
+    )
     with TestClient(create_app(cfg, pipeline=pipeline), raise_server_exceptions=False) as client:
         yield client
 
@@ -100,6 +112,7 @@ def check(response: Any, what: str) -> None:
 def test_schema_covers_the_api(fuzz_client: TestClient) -> None:
     ops = {(m, p) for m, p, _ in operations(fuzz_client)}
     assert {("POST", "/v1/embeddings"), ("POST", "/embed"), ("POST", "/classify"), ("GET", "/search")} <= ops
+    assert {("POST", "/vqa"), ("POST", "/caption")} <= ops
 
 
 @FUZZ
@@ -117,7 +130,9 @@ def test_json_bodies_never_5xx(fuzz_client: TestClient, data: st.DataObject) -> 
 @FUZZ
 @given(data=st.data())
 def test_raw_bodies_and_content_types_never_5xx(fuzz_client: TestClient, data: st.DataObject) -> None:
-    path = data.draw(st.sampled_from(["/v1/embeddings", "/embed", "/classify", "/search"]))
+    path = data.draw(
+        st.sampled_from(["/v1/embeddings", "/embed", "/classify", "/search", "/vqa", "/caption"])
+    )
     ctype = data.draw(
         st.sampled_from(
             [
@@ -138,7 +153,7 @@ def test_raw_bodies_and_content_types_never_5xx(fuzz_client: TestClient, data: s
 @FUZZ
 @given(
     fields=st.lists(
-        st.tuples(st.sampled_from(["texts", "labels", "query", "q", "k", "top_k", "templates", "x"]), texts),
+        st.tuples(st.sampled_from(FORM_FIELDS), texts),
         max_size=6,
     ),
     files=st.lists(
@@ -149,7 +164,7 @@ def test_raw_bodies_and_content_types_never_5xx(fuzz_client: TestClient, data: s
         ),
         max_size=3,
     ),
-    path=st.sampled_from(["/embed", "/classify", "/search"]),
+    path=st.sampled_from(["/embed", "/classify", "/search", "/vqa", "/caption"]),
 )
 def test_multipart_forms_never_5xx(
     fuzz_client: TestClient, fields: list[tuple[str, str]], files: list[tuple[str, bytes, str]], path: str

@@ -171,3 +171,50 @@ def test_page_works_with_api_keys_under_its_csp(
         assert imgs and all((i.get_attribute("src") or "").startswith("blob:") for i in imgs[:1])
         context.close()
         assert not violations, violations
+
+
+def test_ask_and_caption_an_image_under_the_csp(
+    browser,  # noqa: ANN001
+    pipeline: duomo.Pipeline,
+    task_models: tuple[Path, Path],
+    image_index: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    from playwright.sync_api import expect
+
+    from duomo.tasks.caption import caption_image, load_caption
+    from duomo.tasks.vqa import answer, load_vqa
+
+    vqa_dir, caption_dir = task_models
+    image = image_index[1] / "red_circle.png"
+    settings = ServeSettings(use_index=False, vqa_model=vqa_dir, caption_model=caption_dir)
+    with live_server(create_app(settings, pipeline=pipeline)) as url:
+        context = browser.new_context()  # CSP enforced: only selectors and attribute reads below
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        problems: list[str] = []
+        page.on("pageerror", lambda err: problems.append(str(err)))
+        page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
+        page.goto(url + "/")
+        page.wait_for_selector("[data-testid=tasks]:not([hidden])")
+        result = page.locator("[data-testid=task-result]")
+        page.click("[data-testid=ask-button]")
+        page.wait_for_selector("[data-testid=task-result].error")
+        assert "Choose an image" in result.inner_text()
+        page.set_input_files("[data-testid=task-file]", str(image))
+        page.fill("[data-testid=question]", "what color is the circle?")
+        page.click("[data-testid=ask-button]")
+        text, score = answer(load_vqa(vqa_dir), image, "what color is the circle?")
+        expect(result).to_have_text(f"{text} ({score:.2f})")
+        page.click("[data-testid=caption-button]")
+        expect(result).to_have_text(caption_image(load_caption(caption_dir), image))
+        save_artifact(page, tmp_path, "serve-ask-caption.png")
+        context.close()
+        assert not problems, problems
+
+
+def test_task_panel_is_hidden_without_task_models(page_at: tuple) -> None:
+    page, _ = page_at
+    page.wait_for_selector("[data-testid=server-info]:not(:empty)")
+    page.wait_for_function("!document.getElementById('server-info').textContent.includes('connecting')")
+    assert not page.locator("[data-testid=tasks]").is_visible()

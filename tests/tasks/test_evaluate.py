@@ -55,7 +55,9 @@ def test_few_shot_probe_uses_k_per_class(pipe):
 def test_shapes_gives_val_and_heldout_records_for_every_task(pipe, tmp_path):
     records = evaluate(pipe, "shapes", ["zeroshot", "retrieval", "probe"], model_name="m", size=40)
     assert [(r["split"], r["task"]) for r in records] == [
-        (split, task) for split in ("val", "heldout") for task in ("zeroshot", "retrieval", "probe")
+        (split, task)
+        for split in ("val", "heldout", "heldout-all")
+        for task in ("zeroshot", "retrieval", "probe")
     ]
     assert all(set(r) >= RECORD_KEYS and r["model"] == "m" for r in records)
     retrieval = records[1]["metrics"]
@@ -65,6 +67,13 @@ def test_shapes_gives_val_and_heldout_records_for_every_task(pipe, tmp_path):
     write_records(records[2:3], out)
     lines = out.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0]) == records[0]
+
+
+def test_heldout_all_scores_heldout_images_against_every_combination(pipe):
+    (record,) = evaluate(pipe, "shapes:heldout-all", ["zeroshot"], size=20)
+    data = open_eval_data("shapes:heldout-all", size=20)[0]
+    assert record["split"] == "heldout-all" and len(data.classes) == 64
+    assert all(data.classes[data.test[i]["label"]] == data.test[i]["label_name"] for i in range(20))
 
 
 def test_user_templates_are_used_and_recorded(pipe):

@@ -1,4 +1,5 @@
-// duomo web page: text or example-image search over the server's index. No build step, no dependencies.
+// duomo web page: text or example-image search over the server's index, and (when the server has BEiT-3 task
+// models) questions and captions about an image. No build step, no dependencies.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -150,6 +151,47 @@ async function searchImage(file) {
   }
 }
 
+function showTaskResult(text, kind) {
+  const el = $("task-result");
+  el.textContent = text;
+  el.className = "task-result" + (kind ? " " + kind : "");
+  el.setAttribute("role", kind === "error" ? "alert" : "status");
+}
+
+function chooseTaskImage() {
+  const preview = $("task-preview");
+  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+  const file = $("task-file").files[0];
+  preview.hidden = !file;
+  if (!file) { preview.removeAttribute("src"); return; }
+  preview.onerror = () => { preview.hidden = true; };
+  preview.src = URL.createObjectURL(file);
+  preview.alt = file.name;
+  showTaskResult("", "");
+}
+
+async function runTask(kind) {
+  const file = $("task-file").files[0];
+  if (!file) { showTaskResult("Choose an image first.", "error"); return; }
+  const form = new FormData();
+  form.append("image", file, file.name);
+  if (kind === "vqa") {
+    const question = $("question").value;
+    if (!question.trim()) { showTaskResult("Type a question about the image.", "error"); return; }
+    form.append("question", question);
+  }
+  $("ask-button").disabled = $("caption-button").disabled = true;
+  showTaskResult(kind === "vqa" ? "thinking…" : "captioning…", "");
+  try {
+    const data = await call("/" + kind, { method: "POST", body: form });
+    showTaskResult(kind === "vqa" ? data.answer + " (" + data.score.toFixed(2) + ")" : data.caption, "done");
+  } catch (err) {
+    showTaskResult(err.message, "error");
+  } finally {
+    $("ask-button").disabled = $("caption-button").disabled = false;
+  }
+}
+
 async function loadInfo() {
   try {
     const info = await call("/healthz");
@@ -160,6 +202,10 @@ async function loadInfo() {
       ? index.size + " images indexed"
       : "no index (" + (index.error || "search unavailable") + ")";
     $("server-info").textContent = "model " + info.model + " · " + indexText;
+    const tasks = info.tasks || {};
+    $("tasks").hidden = !(tasks.vqa || tasks.caption);
+    $("question").hidden = $("ask-button").hidden = !tasks.vqa;
+    $("caption-button").hidden = !tasks.caption;
     if (!index.ready) setStatus("Search is unavailable: " + (index.error || "no index"), "error");
     else if (index.size === 0) setStatus("The index is empty: add images with `duomo index DIR`.", "empty");
   } catch (err) {
@@ -176,6 +222,12 @@ function setup() {
     event.preventDefault();
     searchText($("q").value);
   });
+  $("task-file").addEventListener("change", chooseTaskImage);
+  $("task-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    runTask("vqa");
+  });
+  $("caption-button").addEventListener("click", () => runTask("caption"));
   $("file").addEventListener("change", () => {
     searchImage($("file").files[0]);
     $("file").value = "";
