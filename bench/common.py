@@ -41,7 +41,14 @@ def ship(run: str | Path, target: Path, meta: dict[str, Any], half: bool) -> Pat
     model = create_model(config)
     load_into(model, state)
     meta = {**old_meta, **meta, **({"weights_dtype": "float16"} if half else {})}
-    save_native(model.half() if half else model, target, meta)  # duomo.load casts fp16 back to fp32
+    if half:  # fp16 halves the file (duomo.load casts back to fp32); a frozen package tower stays as shipped
+        from duomo.models.minilm import package_weight_keys
+
+        keep = set(package_weight_keys(model))
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name not in keep and tensor.is_floating_point():
+                tensor.data = tensor.data.half()
+    save_native(model, target, meta)
     read_checkpoint(target)  # it reads back
     for path in target.iterdir():
         path.chmod(0o644)  # package data must be readable by every user

@@ -1,6 +1,6 @@
 """Train tiny CLIPs on the shapes world with duomo and with open_clip, same data, budget and size; compare.
 
-    python bench/train_shapes.py bench                      # the first four rows below; seed 0
+    python bench/train_shapes.py bench                      # the first five rows below; seed 0
     python bench/train_shapes.py bench --seeds 0 1 2 --json bench/results/train_shapes.json
     python bench/train_shapes.py ship runs/shapes-tiny      # after duomo train -c recipes/shapes-tiny.json
     python bench/train_shapes.py eval duomo/weights/shapes-tiny
@@ -13,9 +13,11 @@ Rows (all from one recipe, `recipes/shapes-tiny.json`: same data, steps, batch, 
   open_clip's tokenizer and `image_transform`, and batches from the same `ShapesDataset`;
 - `duomo`: `duomo.train.run.train` (what `duomo train --config` runs), the same plain ViT: the engines alone;
 - `duomo+conv`: the ViT with a convolutional stem (`shapes-tiny-conv`, +3% parameters);
-- `duomo+conv+hn`: the recipe as shipped: conv stem and 3 NegCLIP swap negatives per image, restricted to
-  word pairs seen in the training captions;
-- `duomo+conv+hn-unrestricted` (not run by default): the same swaps without that restriction.
+- `duomo+conv+hn`: that, with 3 NegCLIP swap negatives per image, restricted to word pairs seen in the
+  training captions;
+- `duomo+conv+LiT`: the conv-stem image tower with a frozen pretrained MiniLM text tower
+  (`ViT-tiny-conv-MiniLM`, `recipes/shapes-minilm.json`, shipped as `shapes-minilm`);
+- `duomo+conv+hn-unrestricted` (not run by default): the swaps without the seen-pair restriction.
 
 Every model is scored by the same code (`duomo.tasks.evaluate.evaluate`) with the same prompt templates:
 zero-shot top-1 on `val` (seen colour-shape pairs, 51 classes), `heldout` (13 pairs never seen in training,
@@ -206,19 +208,20 @@ def train_openclip(cfg: TrainConfig) -> tuple[OpenClipPipe, float]:
 
 # ---- commands ---------------------------------------------------------------------------------------------
 
-# Each row: the engine, and what it changes from the recipe. The plain rows use the plain ViT of the same size
-# (open_clip has no conv stem), so "duomo" vs "open_clip" compares the engines alone.
-PLAIN_MODEL = "shapes-tiny"
+# Each row: the engine, and what it changes from the recipe (whose model is the plain ViT `shapes-tiny`, since
+# open_clip has no conv stem), so "duomo" vs "open_clip" compares the engines alone.
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
-    "open_clip": ("open_clip", {"model": PLAIN_MODEL, "hard_negatives": 0}),
-    "duomo": ("duomo", {"model": PLAIN_MODEL, "hard_negatives": 0}),
-    "duomo+conv": ("duomo", {"model": "shapes-tiny-conv", "hard_negatives": 0}),
+    "open_clip": ("open_clip", {}),
+    "duomo": ("duomo", {}),
+    "duomo+conv": ("duomo", {"model": "shapes-tiny-conv"}),
     "duomo+conv+hn": ("duomo", {"model": "shapes-tiny-conv", "hard_negatives": 3}),
+    "duomo+conv+LiT": ("duomo", {"model": "ViT-tiny-conv-MiniLM"}),
     "duomo+conv+hn-unrestricted": (
         "duomo",
         {"model": "shapes-tiny-conv", "hard_negatives": 3, "seen": False},
     ),
 }
+DEFAULT_ROWS = list(ROWS)[:5]
 
 
 def run_row(
@@ -312,7 +315,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="train and compare duomo, open_clip, duomo+hard negatives")
     b.add_argument("--recipe", default=str(RECIPE), help="training config JSON (default: the shipped recipe)")
-    b.add_argument("--rows", nargs="+", default=list(ROWS)[:4], choices=list(ROWS))
+    b.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     b.add_argument("--seeds", nargs="+", type=int, default=[0])
     b.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
     b.add_argument("--override", default=None, help='JSON of other recipe fields, e.g. {"lr": 2e-3}')

@@ -61,6 +61,7 @@ def train_command(
     eval_size: int = typer.Option(200, "--eval-size", min=0, help="Images per eval split (0: no eval)."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
+    loss: str = typer.Option("bce", "--loss", help="vqa: bce (unilm's) or ce (one right answer)."),
 ) -> None:
     """Pretrain (MDM) or fine-tune (VQA, captioning) a BEiT-3 on the shapes world; evals print as JSON."""
     import torch
@@ -84,18 +85,20 @@ def train_command(
         torch.manual_seed(seed)
         model = vqa.new_vqa_model(config, pretrained.beit3 if pretrained else None)
         train = vqa.ShapesVQA("train", size, model.beit3.cfg, model.answers, seed=seed)
-        vqa.finetune_vqa(model, train, steps, batch_size, lr, seed, log_every)
+        vqa.finetune_vqa(model, train, steps, batch_size, lr, seed, log_every, loss=loss)
         console.print(f"saved {vqa.save_vqa(model, out)}")
         if eval_size:
             for split, data in vqa.vqa_splits(model.beit3.cfg, eval_size, seed).items():
                 typer.echo(json.dumps({"task": "vqa", "split": split, **vqa.evaluate_vqa(model, data)}))
         return
     if task == "caption":
+        from duomo.models.beit3 import get_beit3_config
         from duomo.tasks import caption
 
+        cfg = pretrained.beit3.cfg if pretrained else get_beit3_config(config)
+        train = caption.ShapesCaptions("train", size, cfg, seed=seed)
         torch.manual_seed(seed)
-        model = caption.new_caption_model(config, pretrained)
-        train = caption.ShapesCaptions("train", size, model.beit3.cfg, seed=seed)
+        model = caption.new_caption_model(cfg, pretrained, vocab=train.vocabulary())
         caption.finetune_caption(model, train, steps, batch_size, lr, seed, log_every)
         console.print(f"saved {caption.save_caption(model, out)}")
         if eval_size:

@@ -61,21 +61,72 @@ def caption_attention_mask(num_image: int, num_text: int, device: torch.device |
 
 
 class BEiT3ForCaptioning(nn.Module):
-    """Backbone + [MASK] text embedding + language-model head (tied to the token embeddings by default)."""
+    """Backbone + [MASK] text embedding + language-model head (tied to the token embeddings by default).
 
-    def __init__(self, backbone: BEiT3, tie_lm_head: bool = True, sot_id: int = 49406, eot_id: int = 49407):
+    `vocab`: an optional shortlist of the token ids captions may use (e.g. every id of the training captions,
+    `caption_vocabulary`). The head then scores only those: with the 49,408-id CLIP vocabulary and ~60 ids in
+    shapes captions, a training step's head costs ~1/800 and nothing outside the shortlist can be generated.
+    """
+
+    def __init__(
+        self,
+        backbone: BEiT3,
+        tie_lm_head: bool = True,
+        sot_id: int = 49406,
+        eot_id: int = 49407,
+        vocab: list[int] | None = None,
+    ):
         super().__init__()
         self.beit3 = backbone
         self.text_mask = TextMaskEmbedding(backbone)
         self.lm_head = MaskedLMHead(backbone, tie=tie_lm_head)
         self.sot_id, self.eot_id = sot_id, eot_id
+        self.vocab: list[int] | None = None
+        self.register_buffer("vocab_ids", None, persistent=False)
+        self.register_buffer("vocab_index", None, persistent=False)
+        if vocab is not None:
+            self.set_vocabulary(vocab)
+
+    def set_vocabulary(self, vocab: list[int]) -> None:
+        """Restrict the head to these token ids (<end_of_text> is always added)."""
+        size = self.beit3.cfg.vocab_size
+        ids = sorted({int(i) for i in vocab} | {self.eot_id})
+        if ids[0] < 0 or ids[-1] >= size:
+            raise InputError(f"caption vocabulary ids must lie in [0, {size}), got {ids[0]}..{ids[-1]}")
+        self.vocab = ids
+        self.vocab_ids = torch.tensor(ids, dtype=torch.long)
+        index = torch.full((size,), -1, dtype=torch.long)
+        index[self.vocab_ids] = torch.arange(len(ids))
+        self.vocab_index = index
 
     @classmethod
-    def from_mdm(cls, mdm: BEiT3ForMDM) -> BEiT3ForCaptioning:
+    def from_mdm(cls, mdm: BEiT3ForMDM, vocab: list[int] | None = None) -> BEiT3ForCaptioning:
         """Start from a pretrained masked-data-modelling model: backbone, [MASK] embedding and LM head."""
-        model = cls(mdm.beit3, tie_lm_head=mdm.lm_head.tied)
+        model = cls(mdm.beit3, tie_lm_head=mdm.lm_head.tied, vocab=vocab)
         model.text_mask, model.lm_head = mdm.text_mask, mdm.lm_head
         return model
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden text states -> logits over the shortlist (or the whole vocabulary without one)."""
+        return self.lm_head(h, self.beit3.text_embed.weight, self.vocab_ids)
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Head logits -> [..., vocab_size] logits, -inf outside the shortlist (decoding reads token ids)."""
+        if self.vocab_ids is None:
+            return logits
+        out = logits.new_full((*logits.shape[:-1], self.beit3.cfg.vocab_size), float("-inf"))
+        out[..., self.vocab_ids] = logits
+        return out
+
+    def target_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> their index among the head's outputs (the ids themselves without a shortlist)."""
+        if self.vocab_index is None:
+            return ids
+        index = self.vocab_index[ids]
+        if bool((index < 0).any()):
+            bad = sorted(set(ids[index < 0].tolist()))[:5]
+            raise InputError(f"caption token ids {bad} are outside the model's caption vocabulary")
+        return index
 
     @property
     def mask_id(self) -> int:
@@ -83,11 +134,11 @@ class BEiT3ForCaptioning(nn.Module):
         return self.text_mask.mask_id
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Images [B, C, H, W], text ids [B, T] (may hold [MASK]) -> vocabulary logits at text positions."""
+        """Images [B, C, H, W], text ids [B, T] (may hold [MASK]) -> head logits at text positions."""
         split = self.beit3.num_image_tokens
         mask = caption_attention_mask(split, ids.shape[1], ids.device)
         h = fused_forward(self.beit3, self.text_mask, images, ids, attn_mask=mask)
-        return self.lm_head(h[:, split:], self.beit3.text_embed.weight)
+        return self.head(h[:, split:])
 
 
 class CaptionObjective:
@@ -106,7 +157,7 @@ class CaptionObjective:
         )
         ids, chosen = ids.to(tokens.device), chosen.to(tokens.device)
         logits = model(batch["pixels"], ids)[chosen]
-        target = tokens[chosen]
+        target = inner.target_index(tokens[chosen])
         loss = F.cross_entropy(logits.float(), target)
         return {"loss": loss, "acc": (logits.argmax(-1) == target).float().mean()}
 
@@ -208,7 +259,7 @@ def decode_step(model: BEiT3ForCaptioning, cache: CaptionCache, last: torch.Tens
         )
     cache.length += 1
     h = _expert(bb.encoder.norm, "text")(x[:, 1])
-    return model.lm_head(h, bb.text_embed.weight)
+    return model.full_logits(model.head(h))
 
 
 @torch.no_grad()
@@ -217,7 +268,7 @@ def next_logits_uncached(
 ) -> torch.Tensor:
     """Logits of the next token after `prefix` [B, T] (starting with <sot>) by a full forward: [B, V]."""
     mask = torch.full((prefix.shape[0], 1), model.mask_id, dtype=prefix.dtype, device=prefix.device)
-    return model(images, torch.cat([prefix, mask], dim=1))[:, -1]
+    return model.full_logits(model(images, torch.cat([prefix, mask], dim=1))[:, -1])
 
 
 def _max_steps(model: BEiT3ForCaptioning, max_len: int) -> int:
@@ -383,6 +434,13 @@ def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigm
 
 
 # --- shapes data, training, evaluation, saving -----------------------------------------------------------
+def caption_vocabulary(ids: torch.Tensor, padding: torch.Tensor, sot_id: int = 49406) -> list[int]:
+    """The distinct token ids of tokenized captions [N, T] outside padding, without <start_of_text>."""
+    used = set(ids[~padding].tolist())
+    used.discard(sot_id)
+    return sorted(used)
+
+
 class ShapesCaptions:
     """Images of a shapes split with their caption (training) and one reference per caption style (eval)."""
 
@@ -400,6 +458,10 @@ class ShapesCaptions:
     def __len__(self) -> int:
         """Number of images."""
         return len(self.captions)
+
+    def vocabulary(self) -> list[int]:
+        """Every token id of the captions (<start_of_text> and padding aside): a head shortlist."""
+        return caption_vocabulary(self.ids, self.padding)
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Endless shuffled training batches of pixels, tokens, padding_mask."""
@@ -451,12 +513,12 @@ def evaluate_caption(
 
 
 def new_caption_model(
-    config: str | BEiT3Config = "beit3-tiny", mdm: BEiT3ForMDM | None = None
+    config: str | BEiT3Config = "beit3-tiny", mdm: BEiT3ForMDM | None = None, vocab: list[int] | None = None
 ) -> BEiT3ForCaptioning:
     """A captioning model on a fresh backbone, or on a pretrained masked-data-modelling model."""
     if mdm is not None:
-        return BEiT3ForCaptioning.from_mdm(mdm)
-    return BEiT3ForCaptioning(create_beit3(config))
+        return BEiT3ForCaptioning.from_mdm(mdm, vocab)
+    return BEiT3ForCaptioning(create_beit3(config), vocab=vocab)
 
 
 def save_caption(model: BEiT3ForCaptioning, path: str | Path) -> Path:
@@ -466,7 +528,7 @@ def save_caption(model: BEiT3ForCaptioning, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"task": TASK, "beit3": model.beit3.cfg.to_dict(), "tie_lm_head": model.lm_head.tied}
-    meta |= {"sot_id": model.sot_id, "eot_id": model.eot_id}
+    meta |= {"sot_id": model.sot_id, "eot_id": model.eot_id, "vocab": model.vocab}
     write_json(meta, path / "config.json")
     save_safetensors(model.state_dict(), path / "model.safetensors", {"task": TASK})
     return path
@@ -479,7 +541,9 @@ def load_caption(path: str | Path) -> BEiT3ForCaptioning:
     path = Path(path)
     data = read_task_config(path, TASK)
     backbone = BEiT3(BEiT3Config.from_dict(data["beit3"]))
-    model = BEiT3ForCaptioning(backbone, data.get("tie_lm_head", True), data["sot_id"], data["eot_id"])
+    model = BEiT3ForCaptioning(
+        backbone, data.get("tie_lm_head", True), data["sot_id"], data["eot_id"], data.get("vocab")
+    )
     load_task_weights(model, path)
     return model.eval()
 

@@ -104,12 +104,25 @@ class ShapesVQA:
                 yield self.batch(order[start : start + batch_size])
 
 
+VQA_LOSSES = ("bce", "ce")
+
+
 class VQAObjective:
-    """unilm's VQA loss: mean BCE-with-logits on (here one-hot) answer scores, times the number of answers."""
+    """The VQA loss: "bce" is unilm's (mean BCE-with-logits on answer scores, times the number of answers),
+    made for VQAv2's soft multi-annotator scores; "ce" is softmax cross-entropy, for one right answer per
+    question as in shapes, where it leaves the all-answers-unlikely phase BCE starts with much sooner."""
+
+    def __init__(self, loss: str = "bce") -> None:
+        if loss not in VQA_LOSSES:
+            raise InputError(f"unknown VQA loss {loss!r}; choose one of {VQA_LOSSES}")
+        self.loss = loss
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{"loss", "acc"} of one batch."""
         logits = model(batch["pixels"], batch["tokens"], batch["padding_mask"])
+        if self.loss == "ce":
+            loss = F.cross_entropy(logits.float(), batch["target"])
+            return {"loss": loss, "acc": (logits.argmax(-1) == batch["target"]).float().mean()}
         scores = F.one_hot(batch["target"], logits.shape[-1]).to(logits.dtype)
         loss = F.binary_cross_entropy_with_logits(logits, scores) * logits.shape[-1]
         acc = (logits.argmax(-1) == batch["target"]).float().mean()
@@ -144,6 +157,7 @@ def finetune_vqa(
     seed: int = 0,
     log_every: int = 0,
     head_lr_weight: float = 1.0,
+    loss: str = "bce",
 ) -> list[dict[str, float]]:
     """Fine-tune a VQA model on `train` for `steps` AdamW steps (cosine schedule, 10% warm-up).
 
@@ -154,7 +168,7 @@ def finetune_vqa(
     batches = train.batches(batch_size, seed)
     return train_steps(
         model,
-        VQAObjective(),
+        VQAObjective(loss),
         batches,
         steps,
         lr,

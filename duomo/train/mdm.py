@@ -56,11 +56,18 @@ class MaskedLMHead(nn.Module):
         if self.decoder is not None:
             nn.init.trunc_normal_(self.decoder.weight, std=0.02)
 
-    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """Hidden states [..., width] -> logits [..., vocab]; `embedding` is the backbone's token table."""
+    def forward(
+        self, h: torch.Tensor, embedding: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states [..., width] -> logits [..., vocab]; `embedding` is the backbone's token table.
+
+        `rows`: score only these token ids (a vocabulary shortlist): logits [..., len(rows)].
+        """
         h = self.norm(F.gelu(self.dense(h)))
-        weight = embedding if self.decoder is None else self.decoder.weight
-        return F.linear(h, weight, self.bias)
+        weight, bias = (embedding if self.decoder is None else self.decoder.weight), self.bias
+        if rows is not None:
+            weight, bias = weight[rows], bias[rows]
+        return F.linear(h, weight, bias)
 
 
 class TextMaskEmbedding(nn.Module):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from duomo.errors import CheckpointError
+from duomo.errors import CheckpointError, InputError
 from duomo.models.beit3 import BEiT3, get_beit3_config
 from duomo.tasks.caption import (
     BEiT3ForCaptioning,
@@ -16,6 +16,7 @@ from duomo.tasks.caption import (
     beam_search,
     bleu,
     caption_attention_mask,
+    caption_vocabulary,
     cider_d,
     decode_step,
     encode_image,
@@ -98,6 +99,47 @@ def test_save_load_roundtrip(tmp_path) -> None:
     assert greedy_decode(again, images, 4) == greedy_decode(model, images, 4)
     with pytest.raises(CheckpointError, match="no model folder"):
         load_caption(tmp_path / "missing")
+
+
+VOCAB = [320, 1929, 2368, 530, 5936]  # a shortlist ("a", ...); <end_of_text> is added by the model
+
+
+def test_shortlist_head_equals_the_full_head_on_its_ids_and_decodes_inside_it(tmp_path) -> None:
+    full, short = tiny(), tiny()
+    short.set_vocabulary(VOCAB)
+    assert short.vocab == sorted([*VOCAB, short.eot_id])
+    images, ids = torch.randn(2, 3, 32, 32), torch.tensor([[49406, 320, 1929], [49406, 2368, 530]])
+    with torch.no_grad():
+        torch.testing.assert_close(short(images, ids), full(images, ids)[..., short.vocab_ids])
+    out = greedy_decode(short, images, 6)
+    assert all(t in short.vocab for row in out for t in row)
+    prefix = torch.tensor([[49406, 320], [49406, 2368]])
+    cache = encode_image(short, images)
+    for j in range(prefix.shape[1]):  # cached == uncached with a shortlist too
+        torch.testing.assert_close(
+            decode_step(short, cache, prefix[:, j]),
+            next_logits_uncached(short, images, prefix[:, : j + 1]),
+            atol=1e-4,
+            rtol=1e-4,
+        )
+    save_caption(short, tmp_path / "cap")
+    again = load_caption(tmp_path / "cap")
+    assert again.vocab == short.vocab and greedy_decode(again, images, 6) == out
+
+
+def test_shortlist_objective_maps_targets_and_refuses_foreign_ids() -> None:
+    model = tiny().train()
+    model.set_vocabulary(VOCAB)
+    tokens = torch.tensor([[49406, 320, 1929, 49407], [49406, 2368, 530, 49407]])
+    batch = {"pixels": torch.randn(2, 3, 32, 32), "tokens": tokens, "padding_mask": torch.zeros(2, 4).bool()}
+    out = CaptionObjective(ratio=0.9)(model, batch)
+    assert math.isfinite(float(out["loss"].detach()))
+    batch["tokens"] = torch.tensor([[49406, 999, 999, 49407], [49406, 999, 999, 49407]])
+    with pytest.raises(InputError, match="outside the model's caption vocabulary"):
+        CaptionObjective(ratio=0.99)(model, batch)
+    with pytest.raises(InputError, match="must lie in"):
+        model.set_vocabulary([-3])
+    assert caption_vocabulary(tokens, torch.zeros(2, 4).bool()) == [320, 530, 1929, 2368, 49407]
 
 
 def test_bleu_hand_made() -> None:

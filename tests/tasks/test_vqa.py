@@ -7,7 +7,7 @@ import torch
 
 from duomo.cli import main
 from duomo.data.shapes import ShapesDataset
-from duomo.errors import CheckpointError
+from duomo.errors import CheckpointError, InputError
 from duomo.models.beit3 import BEiT3, get_beit3_config
 from duomo.tasks.caption import BEiT3ForCaptioning, save_caption
 from duomo.tasks.vqa import (
@@ -53,6 +53,17 @@ def test_loss_is_unilm_bce_times_answers() -> None:
     scores = torch.nn.functional.one_hot(batch["target"], len(model.answers)).float()
     want = torch.nn.functional.binary_cross_entropy_with_logits(logits, scores) * len(model.answers)
     assert float(out["loss"].detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+
+
+def test_ce_loss_is_softmax_cross_entropy_and_unknown_losses_are_refused() -> None:
+    model = tiny()
+    batch = ShapesVQA("train", 4, CFG, model.answers, max_objects=1).batch(torch.arange(6))
+    out = VQAObjective("ce")(model, batch)
+    logits = model(batch["pixels"], batch["tokens"], batch["padding_mask"])
+    want = torch.nn.functional.cross_entropy(logits, batch["target"])
+    assert float(out["loss"].detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    with pytest.raises(InputError, match="unknown VQA loss"):
+        VQAObjective("mse")
 
 
 def test_tiny_finetune_beats_majority_answer() -> None:
