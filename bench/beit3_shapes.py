@@ -26,7 +26,9 @@ def run_arm(name: str, pretrained: mdm.BEiT3ForMDM | None, args: argparse.Namesp
     model = vqa.new_vqa_model(args.config, mdm.load_mdm(args.tmp).beit3 if pretrained is not None else None)
     train = vqa.ShapesVQA("train", args.size, model.beit3.cfg, model.answers, seed=args.seed)
     start = time.perf_counter()
-    vqa.finetune_vqa(model, train, args.finetune_steps, args.batch_size, args.lr, args.seed, args.log_every)
+    vqa.finetune_vqa(
+        model, train, args.finetune_steps, args.batch_size, args.lr, args.seed, args.log_every, loss=args.loss
+    )
     seconds = time.perf_counter() - start
     for split, data in vqa.vqa_splits(model.beit3.cfg, args.eval_size, args.seed).items():
         rows.append(
@@ -34,9 +36,11 @@ def run_arm(name: str, pretrained: mdm.BEiT3ForMDM | None, args: argparse.Namesp
         )
         print(json.dumps(rows[-1]), flush=True)
 
+    start_from = mdm.load_mdm(args.tmp) if pretrained is not None else None
+    cfg = model.beit3.cfg
+    train = caption.ShapesCaptions("train", args.size, cfg, seed=args.seed)
     torch.manual_seed(args.seed)
-    cap = caption.new_caption_model(args.config, mdm.load_mdm(args.tmp) if pretrained is not None else None)
-    train = caption.ShapesCaptions("train", args.size, cap.beit3.cfg, seed=args.seed)
+    cap = caption.new_caption_model(cfg, start_from, vocab=train.vocabulary())
     start = time.perf_counter()
     caption.finetune_caption(
         cap, train, args.finetune_steps, args.batch_size, args.lr, args.seed, args.log_every
@@ -61,6 +65,7 @@ def main() -> None:
     """Run both arms and print a markdown table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="beit3-tiny")
+    p.add_argument("--loss", default="bce", choices=["bce", "ce"], help="VQA loss")
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--finetune-steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=32)

@@ -46,19 +46,12 @@ sys.path.insert(0, str(ROOT))
 from common import ship, write_json  # noqa: E402
 
 import duomo  # noqa: E402
+from duomo.data.shapes import EVAL_TEMPLATES as SHAPES_TEMPLATES  # noqa: E402
 from duomo.data.shapes import ShapesDataset  # noqa: E402
 from duomo.train.config import TrainConfig  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "shapes-tiny.json"
 WEIGHTS = ROOT / "duomo" / "weights" / "shapes-tiny"
-# Prompts in the wordings of the shapes captions ("a red star", "red star.", "a photo of a red star.").
-SHAPES_TEMPLATES: tuple[str, ...] = (
-    "a {}",
-    "{}.",
-    "a photo of a {}.",
-    "there is a {}",
-    "a picture of a {}.",
-)
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------

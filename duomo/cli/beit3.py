@@ -11,6 +11,11 @@ from rich.console import Console
 console = Console(stderr=True)
 
 ModelDirOpt = typer.Option(..., "--model", "-m", help="A fine-tuned model folder (duomo beit3-train --out).")
+SpmOpt = typer.Option(
+    None,
+    "--spm",
+    help="unilm's beit3.spm, for a config with tokenizer 'beit3-spm' (default: $DUOMO_BEIT3_SPM).",
+)
 
 
 def _image_path(image: str) -> str:
@@ -26,13 +31,14 @@ def ask_command(
     image: str = typer.Argument(..., help="Image file."),
     question: str = typer.Argument(..., help='Question, e.g. "what color is the star?".'),
     model: Path = ModelDirOpt,
+    spm: Path = SpmOpt,
 ) -> None:
     """Answer a question about an image with a BEiT-3 VQA model; prints the answer and its probability."""
     from duomo.tasks.vqa import answer, load_vqa
 
     path = _image_path(image)
     vqa = load_vqa(model)
-    text, prob = answer(vqa, path, question)
+    text, prob = answer(vqa, path, question, spm)
     typer.echo(f"{text}\t{prob:.3f}")
 
 
@@ -41,12 +47,13 @@ def caption_command(
     model: Path = ModelDirOpt,
     beam: int = typer.Option(1, "--beam", min=1, help="Beam width (1: greedy)."),
     max_len: int = typer.Option(30, "--max-len", min=1, help="Most tokens to generate."),
+    spm: Path = SpmOpt,
 ) -> None:
     """Caption an image with a BEiT-3 captioning model."""
     from duomo.tasks.caption import caption_image, load_caption
 
     path = _image_path(image)
-    typer.echo(caption_image(load_caption(model), path, beam, max_len))
+    typer.echo(caption_image(load_caption(model), path, beam, max_len, spm))
 
 
 def train_command(
@@ -62,6 +69,7 @@ def train_command(
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
     loss: str = typer.Option("bce", "--loss", help="vqa: bce (unilm's) or ce (one right answer)."),
+    spm: Path = SpmOpt,
 ) -> None:
     """Pretrain (MDM) or fine-tune (VQA, captioning) a BEiT-3 on the shapes world; evals print as JSON."""
     import torch
@@ -84,11 +92,11 @@ def train_command(
 
         torch.manual_seed(seed)
         model = vqa.new_vqa_model(config, pretrained.beit3 if pretrained else None)
-        train = vqa.ShapesVQA("train", size, model.beit3.cfg, model.answers, seed=seed)
+        train = vqa.ShapesVQA("train", size, model.beit3.cfg, model.answers, seed=seed, spm_path=spm)
         vqa.finetune_vqa(model, train, steps, batch_size, lr, seed, log_every, loss=loss)
         console.print(f"saved {vqa.save_vqa(model, out)}")
         if eval_size:
-            for split, data in vqa.vqa_splits(model.beit3.cfg, eval_size, seed).items():
+            for split, data in vqa.vqa_splits(model.beit3.cfg, eval_size, seed, spm_path=spm).items():
                 typer.echo(json.dumps({"task": "vqa", "split": split, **vqa.evaluate_vqa(model, data)}))
         return
     if task == "caption":
@@ -96,14 +104,14 @@ def train_command(
         from duomo.tasks import caption
 
         cfg = pretrained.beit3.cfg if pretrained else get_beit3_config(config)
-        train = caption.ShapesCaptions("train", size, cfg, seed=seed)
+        train = caption.ShapesCaptions("train", size, cfg, seed=seed, spm_path=spm)
         torch.manual_seed(seed)
         model = caption.new_caption_model(cfg, pretrained, vocab=train.vocabulary())
         caption.finetune_caption(model, train, steps, batch_size, lr, seed, log_every)
         console.print(f"saved {caption.save_caption(model, out)}")
         if eval_size:
             for split in ("val", "heldout"):
-                data = caption.ShapesCaptions(split, eval_size, model.beit3.cfg, seed=seed + 1)
+                data = caption.ShapesCaptions(split, eval_size, model.beit3.cfg, seed=seed + 1, spm_path=spm)
                 record = {"task": "caption", "split": split, **caption.evaluate_caption(model, data)}
                 typer.echo(json.dumps(record))
         return

@@ -51,6 +51,9 @@ POSITION_PHRASES: dict[str, str] = {
 BACKGROUNDS: tuple[str, ...] = ("solid", "gradient", "noise")
 CAPTION_STYLES: tuple[str, ...] = ("short", "size", "position", "full", "scene", "terse", "photo", "count")
 SPLITS: tuple[str, ...] = ("train", "val", "heldout")
+# Zero-shot prompts in the wordings of the captions ("a red star", "red star.", "a photo of a red star."):
+# `duomo eval --data shapes` and the benchmarks use these unless given others.
+EVAL_TEMPLATES: tuple[str, ...] = ("a {}", "{}.", "a photo of a {}.", "there is a {}", "a picture of a {}.")
 HELDOUT_FRACTION = 0.2
 
 # Radii (fraction of the image side) and placement jitter, chosen so objects in different slots never overlap:

@@ -118,13 +118,13 @@ class TaskService:
 
     def _run_vqa(self, items: list[tuple[torch.Tensor, str]]) -> list[tuple[str, float]]:
         """Model thread: `answer` on preprocessed pixels: the answer with the highest sigmoid score."""
-        from duomo.tasks.vqa import QUESTION_LENGTH, tokenize
+        from duomo.tasks.vqa import question_tokens
 
         model = self.models["vqa"]
         out = []
         with torch.inference_mode():
             for pixels, question in items:
-                ids, pad = tokenize([question], QUESTION_LENGTH)
+                ids, pad = question_tokens(model.beit3.cfg, [question])  # beit3.spm from $DUOMO_BEIT3_SPM
                 x, ids, pad = pixels.unsqueeze(0).to(self.device), ids.to(self.device), pad.to(self.device)
                 probs = torch.sigmoid(model(x, ids, pad)[0].float())
                 best = int(probs.argmax())

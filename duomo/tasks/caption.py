@@ -41,7 +41,6 @@ from duomo.train.mdm import (
     fused_forward,
     mask_text,
     shapes_pixels,
-    tokenize,
     train_steps,
 )
 
@@ -100,9 +99,15 @@ class BEiT3ForCaptioning(nn.Module):
         self.vocab_index = index
 
     @classmethod
-    def from_mdm(cls, mdm: BEiT3ForMDM, vocab: list[int] | None = None) -> BEiT3ForCaptioning:
+    def from_mdm(
+        cls,
+        mdm: BEiT3ForMDM,
+        vocab: list[int] | None = None,
+        sot_id: int = 49406,
+        eot_id: int = 49407,
+    ) -> BEiT3ForCaptioning:
         """Start from a pretrained masked-data-modelling model: backbone, [MASK] embedding and LM head."""
-        model = cls(mdm.beit3, tie_lm_head=mdm.lm_head.tied, vocab=vocab)
+        model = cls(mdm.beit3, tie_lm_head=mdm.lm_head.tied, sot_id=sot_id, eot_id=eot_id, vocab=vocab)
         model.text_mask, model.lm_head = mdm.text_mask, mdm.lm_head
         return model
 
@@ -353,13 +358,21 @@ def beam_search(
 
 
 def generate(
-    model: BEiT3ForCaptioning, images: torch.Tensor, beam: int = 1, max_len: int = MAX_CAPTION
+    model: BEiT3ForCaptioning,
+    images: torch.Tensor,
+    beam: int = 1,
+    max_len: int = MAX_CAPTION,
+    spm_path: str | Path | None = None,
 ) -> list[str]:
-    """Captions as text: greedy for beam 1, beam search otherwise."""
-    from duomo.data.tokenizer import get_tokenizer
+    """Captions as text: greedy for beam 1, beam search otherwise.
 
+    Decoded with the tokenizer of the model's config; `spm_path` (else `$DUOMO_BEIT3_SPM`) is unilm's
+    beit3.spm for a "beit3-spm" config.
+    """
+    from duomo.data.spm_tokenizer import beit3_tokenizer
+
+    tok = beit3_tokenizer(model.beit3.cfg, spm_path)  # before decoding: a missing .spm fails fast
     ids = greedy_decode(model, images, max_len) if beam <= 1 else beam_search(model, images, beam, max_len)
-    tok = get_tokenizer()
     return [tok.decode(row) for row in ids]
 
 
@@ -444,7 +457,17 @@ def caption_vocabulary(ids: torch.Tensor, padding: torch.Tensor, sot_id: int = 4
 class ShapesCaptions:
     """Images of a shapes split with their caption (training) and one reference per caption style (eval)."""
 
-    def __init__(self, split: str, size: int, cfg: BEiT3Config, seed: int = 0, max_objects: int = 2) -> None:
+    def __init__(
+        self,
+        split: str,
+        size: int,
+        cfg: BEiT3Config,
+        seed: int = 0,
+        max_objects: int = 2,
+        spm_path: str | Path | None = None,
+    ) -> None:
+        from duomo.data.spm_tokenizer import beit3_tokenizer
+
         ds = ShapesDataset(split, size=size, image_size=cfg.image_size, seed=seed, max_objects=max_objects)
         samples = [ds[i] for i in range(size)]
         self.pixels = shapes_pixels(samples, cfg.image_size, cfg.mean, cfg.std)
@@ -453,7 +476,10 @@ class ShapesCaptions:
         for i in range(size):
             scene, rng = ds.scene(i), random.Random(f"refs/{seed}/{split}/{i}")
             self.references.append(sorted({make_caption(scene, style, rng) for style in CAPTION_STYLES}))
-        self.ids, self.padding = tokenize(self.captions, MAX_CAPTION)
+        self.spm_path = spm_path
+        tok = beit3_tokenizer(cfg, spm_path)
+        self.sot_id = tok.bos_token_id
+        self.ids, self.padding = tok.encode_with_padding(self.captions, MAX_CAPTION)
 
     def __len__(self) -> int:
         """Number of images."""
@@ -461,7 +487,7 @@ class ShapesCaptions:
 
     def vocabulary(self) -> list[int]:
         """Every token id of the captions (<start_of_text> and padding aside): a head shortlist."""
-        return caption_vocabulary(self.ids, self.padding)
+        return caption_vocabulary(self.ids, self.padding, self.sot_id)
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Endless shuffled training batches of pixels, tokens, padding_mask."""
@@ -503,7 +529,7 @@ def evaluate_caption(
     """BLEU-4 and CIDEr-D of generated captions against the per-style references, plus an example."""
     outs: list[str] = []
     for start in range(0, len(data), batch_size):
-        outs += generate(model, data.pixels[start : start + batch_size], beam)
+        outs += generate(model, data.pixels[start : start + batch_size], beam, spm_path=data.spm_path)
     return {
         "bleu4": bleu(outs, data.references),
         "cider_d": cider_d(outs, data.references),
@@ -515,10 +541,17 @@ def evaluate_caption(
 def new_caption_model(
     config: str | BEiT3Config = "beit3-tiny", mdm: BEiT3ForMDM | None = None, vocab: list[int] | None = None
 ) -> BEiT3ForCaptioning:
-    """A captioning model on a fresh backbone, or on a pretrained masked-data-modelling model."""
+    """A captioning model on a fresh backbone, or on a pretrained masked-data-modelling model.
+
+    Its start/end ids are those of the config's tokenizer (CLIP's, or unilm's beit3.spm: <s> 0, </s> 2).
+    """
+    from duomo.data.spm_tokenizer import beit3_special_ids
+
+    backbone = mdm.beit3 if mdm is not None else create_beit3(config)
+    sot_id, eot_id, _ = beit3_special_ids(backbone.cfg)
     if mdm is not None:
-        return BEiT3ForCaptioning.from_mdm(mdm, vocab)
-    return BEiT3ForCaptioning(create_beit3(config), vocab=vocab)
+        return BEiT3ForCaptioning.from_mdm(mdm, vocab, sot_id, eot_id)
+    return BEiT3ForCaptioning(backbone, sot_id=sot_id, eot_id=eot_id, vocab=vocab)
 
 
 def save_caption(model: BEiT3ForCaptioning, path: str | Path) -> Path:
@@ -549,10 +582,16 @@ def load_caption(path: str | Path) -> BEiT3ForCaptioning:
 
 
 @torch.no_grad()
-def caption_image(model: BEiT3ForCaptioning, image: object, beam: int = 1, max_len: int = MAX_CAPTION) -> str:
-    """The caption of one image (path, bytes, PIL...)."""
+def caption_image(
+    model: BEiT3ForCaptioning,
+    image: object,
+    beam: int = 1,
+    max_len: int = MAX_CAPTION,
+    spm_path: str | Path | None = None,
+) -> str:
+    """The caption of one image (path, bytes, PIL...); `spm_path` as in `generate`."""
     from duomo.data.transforms import image_transform, preprocess_images
 
     cfg = model.beit3.cfg
     pixels = preprocess_images([image], image_transform(cfg.image_size, cfg.mean, cfg.std))
-    return generate(model, pixels, beam, max_len)[0]
+    return generate(model, pixels, beam, max_len, spm_path)[0]

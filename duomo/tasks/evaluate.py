@@ -199,6 +199,7 @@ def open_eval_data(
     from duomo.data.catalog import open_pairs
     from duomo.data.digits import EVAL_TEMPLATES, DigitsDataset
     from duomo.data.pairs import ImageFolderDataset
+    from duomo.data.shapes import EVAL_TEMPLATES as SHAPES_TEMPLATES
     from duomo.data.shapes import ShapesDataset
 
     text = os.fspath(spec)
@@ -210,14 +211,14 @@ def open_eval_data(
         for s in splits:
             if s == "heldout-all":  # held-out images, labels over all 64 combinations, seen ones included
                 test = ShapesDataset("heldout", size=n, image_size=image_size, seed=seed, label_space="all")
-                out.append(EvalData("shapes", s, test, None, list(test.classes)))
+                out.append(EvalData("shapes", s, test, None, list(test.classes), list(SHAPES_TEMPLATES)))
                 continue
             test = ShapesDataset(s, size=n, image_size=image_size, seed=seed)
             # the probe trains on other scenes of the same classes: the train split, or more held-out scenes
             train = ShapesDataset(
                 "train" if s != "heldout" else "heldout", size=n, image_size=image_size, seed=seed + 1
             )
-            out.append(EvalData("shapes", s, test, train, list(test.classes)))
+            out.append(EvalData("shapes", s, test, train, list(test.classes), list(SHAPES_TEMPLATES)))
         return out
     if name == "digits":
         s = given or split or "test"

@@ -19,10 +19,28 @@ from torch import nn
 from duomo.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapesDataset
 from duomo.errors import InputError
 from duomo.models.beit3 import BEiT3, BEiT3Config, BEiT3ForVQA, create_beit3
-from duomo.train.mdm import load_task_weights, read_task_config, shapes_pixels, tokenize, train_steps
+from duomo.train.mdm import (  # noqa: F401  (tokenize: CLIP ids, kept importable from here)
+    load_task_weights,
+    read_task_config,
+    shapes_pixels,
+    tokenize,
+    train_steps,
+)
 
 TASK = "vqa"
 QUESTION_LENGTH = 32  # tokens, with <sot>/<eot>; shapes questions use at most ~12
+
+
+def question_tokens(
+    cfg: BEiT3Config, questions: list[str], spm_path: str | Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, padding mask) of questions with the tokenizer of `cfg` (CLIP, or unilm's beit3.spm).
+
+    `spm_path` (else `$DUOMO_BEIT3_SPM`) is the .spm file a "beit3-spm" config needs; "clip" ignores it.
+    """
+    from duomo.data.spm_tokenizer import beit3_tokenizer
+
+    return beit3_tokenizer(cfg, spm_path).encode_with_padding(questions, QUESTION_LENGTH)
 
 
 def shapes_answers() -> list[str]:
@@ -66,6 +84,7 @@ class ShapesVQA:
         answers: list[str],
         seed: int = 0,
         max_objects: int = 2,
+        spm_path: str | Path | None = None,
     ) -> None:
         ds = ShapesDataset(split, size=size, image_size=cfg.image_size, seed=seed, max_objects=max_objects)
         samples = [ds[i] for i in range(size)]
@@ -78,7 +97,7 @@ class ShapesVQA:
         self.image_index = torch.tensor([i for i, _, _ in triples])
         self.questions = [q for _, q, _ in triples]
         self.targets = torch.tensor([index[a] for _, _, a in triples])
-        self.ids, self.padding = tokenize(self.questions, QUESTION_LENGTH)
+        self.ids, self.padding = question_tokens(cfg, self.questions, spm_path)
 
     def __len__(self) -> int:
         """Number of questions."""
@@ -206,15 +225,20 @@ def load_vqa(path: str | Path) -> VQAModel:
 
 
 @torch.no_grad()
-def answer(model: VQAModel, image: object, question: str) -> tuple[str, float]:
-    """The answer to a question about an image (path, bytes, PIL...) and its probability (sigmoid score)."""
+def answer(
+    model: VQAModel, image: object, question: str, spm_path: str | Path | None = None
+) -> tuple[str, float]:
+    """The answer to a question about an image (path, bytes, PIL...) and its probability (sigmoid score).
+
+    `spm_path`: unilm's beit3.spm, for a model whose config uses it (else `$DUOMO_BEIT3_SPM`).
+    """
     from duomo.data.transforms import image_transform, preprocess_images
 
     if not isinstance(question, str) or not question.strip():
         raise InputError("the question is empty; ask something like 'what color is the star?'")
     cfg = model.beit3.cfg
     pixels = preprocess_images([image], image_transform(cfg.image_size, cfg.mean, cfg.std))
-    ids, pad = tokenize([question], QUESTION_LENGTH)
+    ids, pad = question_tokens(cfg, [question], spm_path)
     model.eval()
     probs = torch.sigmoid(model(pixels, ids, pad)[0])
     best = int(probs.argmax())
@@ -222,7 +246,11 @@ def answer(model: VQAModel, image: object, question: str) -> tuple[str, float]:
 
 
 def vqa_splits(
-    cfg: BEiT3Config, size: int = 300, seed: int = 0, splits: tuple[str, ...] = ("val", "heldout")
+    cfg: BEiT3Config,
+    size: int = 300,
+    seed: int = 0,
+    splits: tuple[str, ...] = ("val", "heldout"),
+    spm_path: str | Path | None = None,
 ) -> dict[str, ShapesVQA]:
     """Evaluation sets of `size` images per split (about 8 questions an image)."""
-    return {s: ShapesVQA(s, size, cfg, shapes_answers(), seed=seed + 1) for s in splits}
+    return {s: ShapesVQA(s, size, cfg, shapes_answers(), seed=seed + 1, spm_path=spm_path) for s in splits}
