@@ -53,3 +53,42 @@ def test_shapes_minilm_names_seen_and_unseen_combinations(split: str, label_spac
     truth = torch.tensor([s["label"] for s in samples])
     accuracy = float((probs.argmax(dim=1) == truth).float().mean())
     assert accuracy >= floor, f"{split} zero-shot top-1 {accuracy:.2f} among {len(data.classes)} names"
+
+
+@shipped("shapes-minilm")
+def test_demo_labels_come_from_the_lit_checkpoint_and_are_right(tmp_path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from duomo.tasks.demo import run_demo
+
+    console = Console(file=io.StringIO(), width=200)
+    run_demo(None, tmp_path / "demo", console)
+    text = console.file.getvalue()
+    assert "zero-shot with shapes-minilm" in text
+    correct = int(text.split("/8 correct")[0].split()[-1])
+    assert correct >= 7, text  # 8/8 measured; chance 1/8
+    assert "format round trip" in text  # the interop section still runs, on the exportable default
+
+
+@shipped("shapes-minilm")
+def test_demo_falls_back_to_the_default_checkpoint_without_minilm(tmp_path, monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from duomo.errors import DuomoError
+    from duomo.tasks import demo
+
+    real = duomo.load
+
+    def load(name=None, **kw):
+        if name == "shapes-minilm":
+            raise DuomoError("the MiniLM package is not installed")
+        return real(name, **kw)
+
+    monkeypatch.setattr(demo.duomo, "load", load)
+    console = Console(file=io.StringIO(), width=200)
+    demo.run_demo(None, tmp_path / "demo", console)
+    assert "zero-shot with shapes-tiny" in console.file.getvalue()

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 import duomo
+from duomo.errors import DuomoError
 from duomo.io import export, load_into, read_checkpoint
 
 
@@ -81,12 +82,29 @@ def interop_section(pipe: duomo.Pipeline, out: Path, console: Console) -> None:
     console.print(table)
 
 
+# The zero-shot section prefers the LiT checkpoint (it tells shapes apart, docs/benchmarks.md); it needs the
+# MiniLM package (the `train` extra), so without it the default checkpoint is used.
+ZERO_SHOT_PREFERRED = "shapes-minilm"
+
+
+def _zero_shot_pipe(default: duomo.Pipeline) -> duomo.Pipeline:
+    """The shipped checkpoint the zero-shot section shows when no model is named."""
+    if ZERO_SHOT_PREFERRED not in duomo.list_pretrained():
+        return default
+    try:
+        return duomo.load(ZERO_SHOT_PREFERRED, device="cpu")
+    except DuomoError:  # e.g. the MiniLM package is not installed
+        return default
+
+
 def run_demo(model: str | None, out: Path | None, console: Console) -> None:
-    """Run both sections of the demo."""
+    """Run both sections of the demo: zero-shot labels, then the format round trip."""
     pipe = duomo.load(model, device="cpu")
-    console.print(f"[bold]duomo {duomo.__version__}[/bold] — model [cyan]{pipe.name}[/cyan]")
-    if pipe.name in duomo.list_pretrained():
-        zero_shot_section(pipe, console)
+    shown = pipe if model is not None else _zero_shot_pipe(pipe)
+    names = pipe.name if shown is pipe else f"{shown.name} (zero-shot), {pipe.name} (format round trip)"
+    console.print(f"[bold]duomo {duomo.__version__}[/bold] — [cyan]{names}[/cyan]")
+    if shown.name in duomo.list_pretrained():
+        zero_shot_section(shown, console)
     else:
         console.print("[yellow]no trained checkpoint ships in this build; showing interop only[/yellow]")
     if out is not None:
