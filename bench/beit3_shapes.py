@@ -3,7 +3,7 @@
 Both arms get the same fine-tuning budget (steps, batch, lr, data); the pretrained arm first runs
 `--pretrain-steps` of masked data modelling (MLM + MIM + pairs) on the shapes train split.
 
-    python bench/beit3_shapes.py --pretrain-steps 600 --finetune-steps 400 --threads 2
+    python bench/beit3_shapes.py --config beit3-tiny-conv --loss ce --pretrain-steps 600 --finetune-steps 400
 """
 
 from __future__ import annotations
