@@ -117,18 +117,15 @@ class TaskService:
         return self.transforms[task](image)
 
     def _run_vqa(self, items: list[tuple[torch.Tensor, str]]) -> list[tuple[str, float]]:
-        """Model thread: `answer` on preprocessed pixels: the answer with the highest sigmoid score."""
-        from duomo.tasks.vqa import question_tokens
+        """Model thread: `answer` on preprocessed pixels (`best_answer`: top answer, its probability)."""
+        from duomo.tasks.vqa import best_answer, question_tokens
 
         model = self.models["vqa"]
         out = []
         with torch.inference_mode():
             for pixels, question in items:
                 ids, pad = question_tokens(model.beit3.cfg, [question])  # beit3.spm from $DUOMO_BEIT3_SPM
-                x, ids, pad = pixels.unsqueeze(0).to(self.device), ids.to(self.device), pad.to(self.device)
-                probs = torch.sigmoid(model(x, ids, pad)[0].float())
-                best = int(probs.argmax())
-                out.append((model.answers[best], float(probs[best])))
+                out.append(best_answer(model, pixels.unsqueeze(0), ids, pad))
         return out
 
     def _run_caption(self, items: list[tuple[torch.Tensor, int, int | None]]) -> list[str]:

@@ -594,4 +594,5 @@ def caption_image(
 
     cfg = model.beit3.cfg
     pixels = preprocess_images([image], image_transform(cfg.image_size, cfg.mean, cfg.std))
+    pixels = pixels.to(next(model.parameters()).device)
     return generate(model, pixels, beam, max_len, spm_path)[0]

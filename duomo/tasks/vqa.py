@@ -68,9 +68,10 @@ def question_type(question: str) -> str:
 class VQAModel(BEiT3ForVQA):
     """`BEiT3ForVQA` that knows its answer vocabulary (same parameter names as unilm's VQA model)."""
 
-    def __init__(self, backbone: BEiT3, answers: list[str]) -> None:
+    def __init__(self, backbone: BEiT3, answers: list[str], loss: str = "bce") -> None:
         super().__init__(backbone, num_answers=len(answers))
         self.answers = list(answers)
+        self.loss = loss  # how it was trained: scores are sigmoids ("bce") or a softmax ("ce")
 
 
 class ShapesVQA:
@@ -184,6 +185,9 @@ def finetune_vqa(
     scratch on shapes 10 was unstable, so the default is 1).
     """
     torch.manual_seed(seed)
+    VQAObjective(loss)  # an unknown loss fails before any work
+    if isinstance(model, VQAModel):
+        model.loss = loss
     batches = train.batches(batch_size, seed)
     return train_steps(
         model,
@@ -209,7 +213,8 @@ def save_vqa(model: VQAModel, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_json(
-        {"task": TASK, "beit3": model.beit3.cfg.to_dict(), "answers": model.answers}, path / "config.json"
+        {"task": TASK, "beit3": model.beit3.cfg.to_dict(), "answers": model.answers, "loss": model.loss},
+        path / "config.json",
     )
     save_safetensors(model.state_dict(), path / "model.safetensors", {"task": TASK})
     return path
@@ -219,7 +224,7 @@ def load_vqa(path: str | Path) -> VQAModel:
     """A VQA model saved with `save_vqa`, in eval mode."""
     path = Path(path)
     data = read_task_config(path, TASK)
-    model = VQAModel(BEiT3(BEiT3Config.from_dict(data["beit3"])), data["answers"])
+    model = VQAModel(BEiT3(BEiT3Config.from_dict(data["beit3"])), data["answers"], data.get("loss", "bce"))
     load_task_weights(model, path)
     return model.eval()
 
@@ -240,7 +245,18 @@ def answer(
     pixels = preprocess_images([image], image_transform(cfg.image_size, cfg.mean, cfg.std))
     ids, pad = question_tokens(cfg, [question], spm_path)
     model.eval()
-    probs = torch.sigmoid(model(pixels, ids, pad)[0])
+    return best_answer(model, pixels, ids, pad)
+
+
+@torch.no_grad()
+def best_answer(
+    model: VQAModel, pixels: torch.Tensor, ids: torch.Tensor, pad: torch.Tensor
+) -> tuple[str, float]:
+    """The top answer for one [1, ...] input on the model's device, with its probability as trained:
+    a softmax over answers for a "ce" model, the answer's own sigmoid for "bce" (unilm)."""
+    device = next(model.parameters()).device
+    logits = model(pixels.to(device), ids.to(device), pad.to(device))[0].float()
+    probs = torch.softmax(logits, -1) if getattr(model, "loss", "bce") == "ce" else torch.sigmoid(logits)
     best = int(probs.argmax())
     return model.answers[best], float(probs[best])
 

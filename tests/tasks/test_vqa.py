@@ -15,6 +15,7 @@ from duomo.tasks.vqa import (
     VQAModel,
     VQAObjective,
     answer,
+    best_answer,
     evaluate_vqa,
     finetune_vqa,
     load_vqa,
@@ -84,6 +85,24 @@ def test_save_load_answer(tmp_path) -> None:
     a1, p1 = answer(model, image, "what color is the star?")
     a2, p2 = answer(again, image, "what color is the star?")
     assert a1 == a2 and a1 in model.answers and p1 == pytest.approx(p2) and 0.0 <= p1 <= 1.0
+
+
+def test_a_ce_trained_model_reports_softmax_probabilities_and_keeps_its_loss(tmp_path) -> None:
+    model = tiny()
+    data = ShapesVQA("train", 4, CFG, model.answers, max_objects=1)
+    finetune_vqa(model, data, steps=1, batch_size=4, loss="ce")
+    assert model.loss == "ce"
+    save_vqa(model, tmp_path / "vqa")
+    again = load_vqa(tmp_path / "vqa")
+    assert again.loss == "ce"
+    b = data.batch(torch.arange(1))
+    label, p = best_answer(again, b["pixels"], b["tokens"], b["padding_mask"])
+    with torch.no_grad():
+        logits = again(b["pixels"], b["tokens"], b["padding_mask"])[0]
+    assert label == again.answers[int(logits.argmax())]
+    assert p == pytest.approx(float(torch.softmax(logits, -1).max()), rel=1e-5)
+    with pytest.raises(InputError, match="unknown VQA loss"):
+        finetune_vqa(model, data, steps=1, loss="hinge")
 
 
 def test_load_errors(tmp_path) -> None:
