@@ -80,11 +80,15 @@ class BEiT3ForCaptioning(nn.Module):
         self.text_mask = TextMaskEmbedding(backbone)
         self.lm_head = MaskedLMHead(backbone, tie=tie_lm_head)
         self.sot_id, self.eot_id = sot_id, eot_id
-        self.vocab: list[int] | None = None
         self.register_buffer("vocab_ids", None, persistent=False)
         self.register_buffer("vocab_index", None, persistent=False)
         if vocab is not None:
             self.set_vocabulary(vocab)
+
+    @property
+    def vocab(self) -> list[int] | None:
+        """The shortlisted token ids, or None when the head scores the whole vocabulary."""
+        return None if self.vocab_ids is None else self.vocab_ids.tolist()
 
     def set_vocabulary(self, vocab: list[int]) -> None:
         """Restrict the head to these token ids (<end_of_text> is always added)."""
@@ -92,7 +96,6 @@ class BEiT3ForCaptioning(nn.Module):
         ids = sorted({int(i) for i in vocab} | {self.eot_id})
         if ids[0] < 0 or ids[-1] >= size:
             raise InputError(f"caption vocabulary ids must lie in [0, {size}), got {ids[0]}..{ids[-1]}")
-        self.vocab = ids
         self.vocab_ids = torch.tensor(ids, dtype=torch.long)
         index = torch.full((size,), -1, dtype=torch.long)
         index[self.vocab_ids] = torch.arange(len(ids))

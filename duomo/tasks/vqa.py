@@ -192,13 +192,13 @@ def finetune_vqa(
     scratch on shapes 10 was unstable, so the default is 1).
     """
     torch.manual_seed(seed)
-    VQAObjective(loss)  # an unknown loss fails before any work
+    objective = VQAObjective(loss)  # an unknown loss fails before any work
     if isinstance(model, VQAModel):
         model.loss = loss
     batches = train.batches(batch_size, seed)
     return train_steps(
         model,
-        VQAObjective(loss),
+        objective,
         batches,
         steps,
         lr,
