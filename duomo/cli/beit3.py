@@ -61,6 +61,12 @@ def train_command(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model."),
     init: Path = typer.Option(None, "--init", help="Start from a pretrained folder (beit3-train pretrain)."),
     config: str = typer.Option("beit3-tiny", "--config", help="BEiT-3 config name or JSON (fresh start)."),
+    vision_init: str = typer.Option(
+        None,
+        "--vision-init",
+        help="Fresh start only: take the vision pathway from this duomo CLIP's image tower (a name such as "
+        "shapes-minilm, or a folder); --config then sets the text side.",
+    ),
     steps: int = typer.Option(300, "--steps", min=1),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
     lr: float = typer.Option(1e-3, "--lr"),
@@ -80,18 +86,25 @@ def train_command(
     if threads:
         torch.set_num_threads(threads)
     log_every = max(1, steps // 10)
+    if task not in ("pretrain", "vqa", "caption"):
+        raise InputError(f"unknown task {task!r}; choose pretrain, vqa or caption")
+    if init is not None and vision_init is not None:
+        raise InputError("--vision-init starts a fresh backbone; --init already brings one: drop one of them")
     if task == "pretrain":
         if init is not None:
-            raise InputError("pretrain starts from scratch; drop --init")
-        model, _ = mdm.pretrain_shapes(config, steps, batch_size, lr, size, seed, log_every)
+            raise InputError("pretrain starts from scratch (or --vision-init); drop --init")
+        model, _ = mdm.pretrain_shapes(config, steps, batch_size, lr, size, seed, log_every, vision_init)
         console.print(f"saved {mdm.save_mdm(model, out)}")
         return
+    from duomo.models.beit3_init import start_backbone
+
     pretrained = mdm.load_mdm(init) if init is not None else None
+    torch.manual_seed(seed)
+    backbone = pretrained.beit3 if pretrained else start_backbone(config, vision_init)
     if task == "vqa":
         from duomo.tasks import vqa
 
-        torch.manual_seed(seed)
-        model = vqa.new_vqa_model(config, pretrained.beit3 if pretrained else None)
+        model = vqa.new_vqa_model(config, backbone)
         train = vqa.ShapesVQA("train", size, model.beit3.cfg, model.answers, seed=seed, spm_path=spm)
         vqa.finetune_vqa(model, train, steps, batch_size, lr, seed, log_every, loss=loss)
         console.print(f"saved {vqa.save_vqa(model, out)}")
@@ -100,13 +113,11 @@ def train_command(
                 typer.echo(json.dumps({"task": "vqa", "split": split, **vqa.evaluate_vqa(model, data)}))
         return
     if task == "caption":
-        from duomo.models.beit3 import get_beit3_config
         from duomo.tasks import caption
 
-        cfg = pretrained.beit3.cfg if pretrained else get_beit3_config(config)
-        train = caption.ShapesCaptions("train", size, cfg, seed=seed, spm_path=spm)
+        train = caption.ShapesCaptions("train", size, backbone.cfg, seed=seed, spm_path=spm)
         torch.manual_seed(seed)
-        model = caption.new_caption_model(cfg, pretrained, vocab=train.vocabulary())
+        model = caption.new_caption_model(backbone.cfg, pretrained, train.vocabulary(), backbone)
         caption.finetune_caption(model, train, steps, batch_size, lr, seed, log_every)
         console.print(f"saved {caption.save_caption(model, out)}")
         if eval_size:
@@ -115,7 +126,6 @@ def train_command(
                 record = {"task": "caption", "split": split, **caption.evaluate_caption(model, data)}
                 typer.echo(json.dumps(record))
         return
-    raise InputError(f"unknown task {task!r}; choose pretrain, vqa or caption")
 
 
 def register(app: typer.Typer) -> None:

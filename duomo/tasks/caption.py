@@ -542,15 +542,20 @@ def evaluate_caption(
 
 
 def new_caption_model(
-    config: str | BEiT3Config = "beit3-tiny", mdm: BEiT3ForMDM | None = None, vocab: list[int] | None = None
+    config: str | BEiT3Config = "beit3-tiny",
+    mdm: BEiT3ForMDM | None = None,
+    vocab: list[int] | None = None,
+    backbone: BEiT3 | None = None,
 ) -> BEiT3ForCaptioning:
-    """A captioning model on a fresh backbone, or on a pretrained masked-data-modelling model.
+    """A captioning model on a fresh backbone (`config`), a given one, or a pretrained masked-data-modelling
+    model.
 
     Its start/end ids are those of the config's tokenizer (CLIP's, or unilm's beit3.spm: <s> 0, </s> 2).
     """
     from duomo.data.spm_tokenizer import beit3_special_ids
 
-    backbone = mdm.beit3 if mdm is not None else create_beit3(config)
+    if backbone is None:
+        backbone = mdm.beit3 if mdm is not None else create_beit3(config)
     sot_id, eot_id, _ = beit3_special_ids(backbone.cfg)
     if mdm is not None:
         return BEiT3ForCaptioning.from_mdm(mdm, vocab, sot_id, eot_id)

@@ -399,13 +399,15 @@ def pretrain_shapes(
     size: int = 2048,
     seed: int = 0,
     log_every: int = 50,
+    vision_init: str | None = None,
 ) -> tuple[BEiT3ForMDM, list[dict[str, float]]]:
-    """Masked-data-modelling pretraining of a fresh BEiT-3 on the shapes train split."""
+    """Masked-data-modelling pretraining of a BEiT-3 on the shapes train split: a fresh backbone, or with
+    `vision_init` (a duomo CLIP name or folder) one whose vision pathway starts from that image tower."""
     from duomo.data.tokenizer import get_tokenizer
-    from duomo.models.beit3 import create_beit3
+    from duomo.models.beit3_init import start_backbone
 
     torch.manual_seed(seed)
-    model = BEiT3ForMDM(create_beit3(config))
+    model = BEiT3ForMDM(start_backbone(config, vision_init))
     tok = get_tokenizer()
     objective = MDMObjective(MDMConfig(special_ids=(tok.sot_token_id, tok.eot_token_id)), seed=seed)
     batches = shapes_mdm_batches(model.beit3, size, batch_size, seed)
