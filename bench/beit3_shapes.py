@@ -1,9 +1,14 @@
-"""BEiT-3 on shapes: VQA accuracy and caption BLEU-4 / CIDEr-D, fine-tuned with vs without MDM pretraining.
+"""BEiT-3 on shapes: VQA accuracy and caption BLEU-4 / CIDEr-D, fine-tuned with vs without pretraining.
 
-Both arms get the same fine-tuning budget (steps, batch, lr, data); the pretrained arm first runs
-`--pretrain-steps` of masked data modelling (MLM + MIM + pairs) on the shapes train split.
+Arms (same fine-tuning data, batch and steps per task):
+- scratch:       a fresh backbone, fine-tuned whole;
+- mdm:           a fresh backbone, then masked data modelling (MLM + MIM + pairs), fine-tuned whole;
+- clip-init:     the vision pathway copied from a duomo CLIP image tower (`--vision-init`), vision frozen;
+- clip-init+mdm: that, then masked data modelling; vision frozen while fine-tuning (the README recipe).
 
-    python bench/beit3_shapes.py --config beit3-tiny-conv --loss ce --pretrain-steps 600 --finetune-steps 400
+    python bench/beit3_shapes.py --config beit3-tiny-conv --vision-init shapes-minilm --loss ce \
+        --pretrain-steps 600 --vqa-steps 800 --caption-steps 400 --threads 2 \
+        --json bench/results/beit3_shapes.json
 """
 
 from __future__ import annotations
@@ -11,63 +16,144 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from duomo.tasks import caption, vqa
-from duomo.train import mdm
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_json  # noqa: E402
+
+from duomo.models.beit3_init import freeze_vision, start_backbone  # noqa: E402
+from duomo.tasks import caption, vqa  # noqa: E402
+from duomo.train import mdm  # noqa: E402
 
 
-def run_arm(name: str, pretrained: mdm.BEiT3ForMDM | None, args: argparse.Namespace) -> list[dict]:
-    """Fine-tune VQA and captioning (from `pretrained` or from scratch) and evaluate both splits."""
-    rows = []
-    torch.manual_seed(args.seed)
-    model = vqa.new_vqa_model(args.config, mdm.load_mdm(args.tmp).beit3 if pretrained is not None else None)
-    train = vqa.ShapesVQA("train", args.size, model.beit3.cfg, model.answers, seed=args.seed)
-    start = time.perf_counter()
-    vqa.finetune_vqa(
-        model, train, args.finetune_steps, args.batch_size, args.lr, args.seed, args.log_every, loss=args.loss
+@dataclass
+class Arm:
+    name: str
+    vision_init: bool  # copy the CLIP image tower into the vision pathway
+    pretrain: bool  # masked data modelling before fine-tuning
+    freeze: bool  # keep vision-only parameters fixed while fine-tuning
+
+
+ARMS = (
+    Arm("scratch", False, False, False),
+    Arm("mdm", False, True, False),
+    Arm("clip-init", True, False, True),
+    Arm("clip-init+mdm", True, True, True),
+)
+
+
+def start(arm: Arm, args: argparse.Namespace) -> tuple[mdm.BEiT3ForMDM | None, float]:
+    """The arm's pretrained model (None without MDM) and the pretraining seconds."""
+    if not arm.pretrain:
+        return None, 0.0
+    folder = Path(args.tmp) / arm.name
+    began = time.perf_counter()
+    lr = args.pretrain_lr_init if arm.vision_init else args.lr
+    model, records = mdm.pretrain_shapes(
+        args.config,
+        args.pretrain_steps,
+        args.batch_size,
+        lr,
+        args.size,
+        args.seed,
+        args.log_every,
+        args.vision_init if arm.vision_init else None,
     )
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - began
+    mdm.save_mdm(model, folder)  # each task starts from a fresh copy of the same weights
+    print(json.dumps({"arm": arm.name, "pretrain_s": seconds, "last": records[-1]}), flush=True)
+    return model, seconds
+
+
+def backbone_for(arm: Arm, args: argparse.Namespace):  # noqa: ANN201
+    """A fresh copy of the arm's starting backbone."""
+    torch.manual_seed(args.seed)
+    if arm.pretrain:
+        return mdm.load_mdm(Path(args.tmp) / arm.name)
+    return start_backbone(args.config, args.vision_init if arm.vision_init else None)
+
+
+def run_arm(arm: Arm, args: argparse.Namespace) -> list[dict]:
+    """Pretrain (if the arm does), fine-tune VQA and captioning, evaluate both splits."""
+    _, pretrain_s = start(arm, args)
+    rows = []
+    lr = args.lr
+    started = backbone_for(arm, args)
+    model = vqa.new_vqa_model(args.config, started.beit3 if arm.pretrain else started)
+    if arm.freeze:
+        freeze_vision(model)
+    train = vqa.ShapesVQA("train", args.size, model.beit3.cfg, model.answers, seed=args.seed)
+    began = time.perf_counter()
+    steps = args.vqa_steps
+    vqa.finetune_vqa(model, train, steps, args.batch_size, lr, args.seed, args.log_every, loss=args.loss)
+    seconds = time.perf_counter() - began
     for split, data in vqa.vqa_splits(model.beit3.cfg, args.eval_size, args.seed).items():
-        rows.append(
-            {"arm": name, "task": "vqa", "split": split, "train_s": seconds, **vqa.evaluate_vqa(model, data)}
-        )
+        row = {"arm": arm.name, "task": "vqa", "split": split, "pretrain_s": pretrain_s, "train_s": seconds}
+        rows.append({**row, **vqa.evaluate_vqa(model, data)})
         print(json.dumps(rows[-1]), flush=True)
 
-    start_from = mdm.load_mdm(args.tmp) if pretrained is not None else None
-    cfg = model.beit3.cfg
+    started = backbone_for(arm, args)
+    cfg = (started.beit3 if arm.pretrain else started).cfg
     train = caption.ShapesCaptions("train", args.size, cfg, seed=args.seed)
     torch.manual_seed(args.seed)
-    cap = caption.new_caption_model(cfg, start_from, vocab=train.vocabulary())
-    start = time.perf_counter()
-    caption.finetune_caption(
-        cap, train, args.finetune_steps, args.batch_size, args.lr, args.seed, args.log_every
-    )
-    seconds = time.perf_counter() - start
+    if arm.pretrain:
+        cap = caption.new_caption_model(cfg, started, vocab=train.vocabulary())
+    else:
+        cap = caption.new_caption_model(cfg, vocab=train.vocabulary(), backbone=started)
+    if arm.freeze:
+        freeze_vision(cap)
+    began = time.perf_counter()
+    caption.finetune_caption(cap, train, args.caption_steps, args.batch_size, lr, args.seed, args.log_every)
+    seconds = time.perf_counter() - began
     for split in ("val", "heldout"):
         data = caption.ShapesCaptions(split, args.eval_size, cap.beit3.cfg, seed=args.seed + 1)
-        rows.append(
-            {
-                "arm": name,
-                "task": "caption",
-                "split": split,
-                "train_s": seconds,
-                **caption.evaluate_caption(cap, data),
-            }
-        )
+        row = {"arm": arm.name, "task": "caption", "split": split}
+        row |= {"pretrain_s": pretrain_s, "train_s": seconds}
+        rows.append({**row, **caption.evaluate_caption(cap, data)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
+def table(rows: list[dict], arms: list[str]) -> str:
+    """Markdown: one line per arm and split."""
+    lines = [
+        "| arm | split | VQA acc | colour | shape | count | position | size | exists | BLEU-4 | CIDEr-D "
+        "| pretrain + VQA + caption s | example caption |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        for split in ("val", "heldout"):
+            v = next(r for r in rows if r["arm"] == arm and r["task"] == "vqa" and r["split"] == split)
+            c = next(r for r in rows if r["arm"] == arm and r["task"] == "caption" and r["split"] == split)
+            kinds = " | ".join(
+                f"{v.get(f'accuracy_{k}', float('nan')):.2f}"
+                for k in ("colour", "shape", "count", "position", "size", "exists")
+            )
+            secs = f"{v['pretrain_s']:.0f} + {v['train_s']:.0f} + {c['train_s']:.0f}"
+            lines.append(
+                f"| {arm} | {split} | {v['accuracy']:.3f} | {kinds} | {c['bleu4']:.3f} | {c['cider_d']:.3f} "
+                f"| {secs} | {c['example']} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
-    """Run both arms and print a markdown table."""
+    """Run the arms and print a markdown table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="beit3-tiny")
-    p.add_argument("--loss", default="bce", choices=["bce", "ce"], help="VQA loss")
+    p.add_argument("--config", default="beit3-tiny-conv")
+    p.add_argument("--vision-init", default="shapes-minilm", help="duomo CLIP for the clip-init arms")
+    p.add_argument("--arms", nargs="+", default=[a.name for a in ARMS], choices=[a.name for a in ARMS])
+    p.add_argument("--loss", default="ce", choices=["bce", "ce"], help="VQA loss")
     p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--finetune-steps", type=int, default=400)
+    p.add_argument("--pretrain-lr-init", type=float, default=3e-4, help="MDM lr after a CLIP vision init")
+    p.add_argument("--vqa-steps", type=int, default=800)
+    p.add_argument("--caption-steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--size", type=int, default=2000, help="shapes training images")
@@ -75,31 +161,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--tmp", default="/tmp/duomo-beit3-bench-mdm")
+    p.add_argument("--tmp", default="/tmp/duomo-beit3-bench")
+    p.add_argument("--json", default=None, help="also write the rows and the machine here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}", flush=True)
-
-    start = time.perf_counter()
-    pretrained, records = mdm.pretrain_shapes(
-        args.config, args.pretrain_steps, args.batch_size, args.lr, args.size, args.seed, args.log_every
-    )
-    pre_s = time.perf_counter() - start
-    mdm.save_mdm(pretrained, args.tmp)  # each fine-tune starts from a fresh copy of the same weights
-    print(json.dumps({"pretrain_s": pre_s, "last": records[-1]}), flush=True)
-
-    rows = run_arm("scratch", None, args) + run_arm("mdm", pretrained, args)
-    print(f"\nload average after: {os.getloadavg()}; pretraining {pre_s:.0f} s\n")
-    print("| arm | split | VQA acc | majority | caption BLEU-4 | CIDEr-D | example caption |")
-    print("|---|---|---|---|---|---|---|")
-    for arm in ("scratch", "mdm"):
-        for split in ("val", "heldout"):
-            v = next(r for r in rows if r["arm"] == arm and r["task"] == "vqa" and r["split"] == split)
-            c = next(r for r in rows if r["arm"] == arm and r["task"] == "caption" and r["split"] == split)
-            print(
-                f"| {arm} | {split} | {v['accuracy']:.3f} | {v['majority_baseline']:.3f} | "
-                f"{c['bleu4']:.3f} | {c['cider_d']:.3f} | {c['example']} |"
-            )
+    rows = [row for arm in ARMS if arm.name in args.arms for row in run_arm(arm, args)]
+    print(f"\nload average after: {os.getloadavg()}\n")
+    print(table(rows, args.arms))
+    if args.json:
+        write_json(args.json, vars(args), rows, None)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from duomo.data.registry import build_tokenizer
 from duomo.data.transforms import image_transform
 from duomo.errors import InputError, UnknownModelError
 from duomo.models import CLIP, create_model, list_models
+from duomo.models.factory import model_architecture
 from duomo.tasks.zero_shot import DEFAULT_TEMPLATES, build_classifier, classify
 
 log = logging.getLogger("duomo")
@@ -207,6 +208,11 @@ def load(
         config, state, meta = read_checkpoint(WEIGHTS_DIR / name)
     elif name in list_models() or name.endswith(".json"):
         config = None
+        if model_architecture(name) == "beit3":
+            raise InputError(
+                f"{name} is a BEiT-3 config; duomo.load builds CLIP pipelines. Build a BEiT-3 with "
+                "duomo.models.beit3.create_beit3, train its tasks with `duomo beit3-train`"
+            )
         model = create_model(name)
         if weights is None:
             log.warning("model %s has random weights: pass weights=PATH to load a checkpoint", name)

@@ -88,6 +88,8 @@ def test_unknown_model_and_bad_options():
         duomo.load("ViT-micro", precision="int3")
     with pytest.raises(InputError, match="fp16"):
         duomo.load("ViT-micro", device="cpu", precision="fp16")
+    with pytest.raises(InputError, match="BEiT-3 config"):
+        duomo.load("beit3-micro")
 
 
 def test_bf16_inference_on_cpu(image_file):

@@ -72,6 +72,12 @@ def train_command(
     lr: float = typer.Option(1e-3, "--lr"),
     size: int = typer.Option(2000, "--size", "-n", min=8, help="Shapes training images."),
     eval_size: int = typer.Option(200, "--eval-size", min=0, help="Images per eval split (0: no eval)."),
+    freeze_vision: bool = typer.Option(
+        False,
+        "--freeze-vision",
+        help="vqa/caption: keep the vision-only parameters fixed (best with --vision-init or a pretrained "
+        "--init: the image features stay as learned, only fusion and text train).",
+    ),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
     loss: str = typer.Option("bce", "--loss", help="vqa: bce (unilm's) or ce (one right answer)."),
@@ -90,12 +96,15 @@ def train_command(
         raise InputError(f"unknown task {task!r}; choose pretrain, vqa or caption")
     if init is not None and vision_init is not None:
         raise InputError("--vision-init starts a fresh backbone; --init already brings one: drop one of them")
+    if task == "pretrain" and freeze_vision:
+        raise InputError("--freeze-vision is for fine-tuning (vqa, caption): pretraining trains vision")
     if task == "pretrain":
         if init is not None:
             raise InputError("pretrain starts from scratch (or --vision-init); drop --init")
         model, _ = mdm.pretrain_shapes(config, steps, batch_size, lr, size, seed, log_every, vision_init)
         console.print(f"saved {mdm.save_mdm(model, out)}")
         return
+    from duomo.models.beit3_init import freeze_vision as freeze
     from duomo.models.beit3_init import start_backbone
 
     pretrained = mdm.load_mdm(init) if init is not None else None
@@ -105,6 +114,8 @@ def train_command(
         from duomo.tasks import vqa
 
         model = vqa.new_vqa_model(config, backbone)
+        if freeze_vision:
+            freeze(model)
         train = vqa.ShapesVQA("train", size, model.beit3.cfg, model.answers, seed=seed, spm_path=spm)
         vqa.finetune_vqa(model, train, steps, batch_size, lr, seed, log_every, loss=loss)
         console.print(f"saved {vqa.save_vqa(model, out)}")
@@ -118,6 +129,8 @@ def train_command(
         train = caption.ShapesCaptions("train", size, backbone.cfg, seed=seed, spm_path=spm)
         torch.manual_seed(seed)
         model = caption.new_caption_model(backbone.cfg, pretrained, train.vocabulary(), backbone)
+        if freeze_vision:
+            freeze(model)
         caption.finetune_caption(model, train, steps, batch_size, lr, seed, log_every)
         console.print(f"saved {caption.save_caption(model, out)}")
         if eval_size:

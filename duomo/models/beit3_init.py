@@ -146,3 +146,19 @@ def start_backbone(config: str | BEiT3Config = "beit3-tiny", vision_init: str | 
 
     base = config if isinstance(config, BEiT3Config) else get_beit3_config(config)
     return beit3_from_clip(duomo.load(str(vision_init), device="cpu").model, base)
+
+
+def freeze_vision(model: nn.Module) -> int:
+    """Stop training the parts of a BEiT-3 (or a task model around one) that only image tokens use: the
+    stem, class/mask tokens, image positions and every vision copy of a Multiway module. Shared attention
+    and the text side keep training (VLMo's second stage freezes the same vision expert). Returns how many
+    parameters were frozen; 0 means the model has no vision-only part, which is an error."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        bare = name.removeprefix("beit3.")
+        if ".vision." in f".{bare}" or bare.startswith("vision_embed."):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if not frozen:
+        raise ConfigError(f"{type(model).__name__} has no BEiT-3 vision parameters to freeze")
+    return frozen

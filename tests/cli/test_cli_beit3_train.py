@@ -1,0 +1,86 @@
+"""`duomo beit3-train` with a CLIP vision start (--vision-init) and a frozen vision pathway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import duomo
+from duomo.cli import main
+from duomo.tasks.caption import load_caption
+from duomo.tasks.vqa import load_vqa
+from duomo.train.mdm import load_mdm
+
+SMALL = ["--config", "beit3-micro", "--steps", "2", "--size", "8", "--batch-size", "4", "--eval-size", "0"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved duomo CLIP (ViT-micro) with non-default weights."""
+    pipe = duomo.load("ViT-micro")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in pipe.model.visual.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return pipe.save(tmp_path_factory.mktemp("clip") / "micro")
+
+
+def _visual(clip_dir: Path) -> torch.nn.Module:
+    return duomo.load(str(clip_dir)).model.visual
+
+
+@pytest.mark.parametrize("task", ["vqa", "caption"])
+def test_frozen_vision_keeps_the_clip_tower_and_trains_the_rest(
+    task: str, clip_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / task
+    args = ["beit3-train", task, "--out", str(out), "--vision-init", str(clip_dir), "--freeze-vision", *SMALL]
+    assert main(args) == 0
+    model = load_vqa(out) if task == "vqa" else load_caption(out)
+    visual = _visual(clip_dir)
+    blocks = model.beit3.encoder.blocks
+    torch.testing.assert_close(blocks[0].mlp.vision.fc1.weight, visual.transformer.blocks[0].mlp.fc1.weight)
+    torch.testing.assert_close(model.beit3.pos_embed.vision.weight[2:], visual.pos_embed)
+    # the text side did train: its expert moved away from the fresh init's text copy of the same seed
+    fresh = duomo.models.beit3_init.start_backbone("beit3-micro", str(clip_dir))
+    assert not torch.equal(blocks[0].mlp.text.fc1.weight, fresh.encoder.blocks[0].mlp.text.fc1.weight)
+
+
+def test_pretrain_from_a_clip_tower_saves_its_architecture(clip_dir: Path, tmp_path: Path) -> None:
+    assert (
+        main(
+            [
+                "beit3-train",
+                "pretrain",
+                "--out",
+                str(tmp_path / "mdm"),
+                "--vision-init",
+                str(clip_dir),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    cfg = load_mdm(tmp_path / "mdm").beit3.cfg
+    assert cfg.layernorm_embedding and not cfg.subln and cfg.mean == tuple(_visual(clip_dir).cfg.mean)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["vqa", "--init", "somewhere", "--vision-init", "shapes-minilm"], "drop one of them"),
+        (["pretrain", "--freeze-vision"], "for fine-tuning"),
+        (["segment"], "unknown task"),
+        (["vqa", "--vision-init", "no-such-model-anywhere"], "unknown model"),
+        (["vqa", "--vision-init", "beit3-micro"], "BEiT-3 config"),
+    ],
+)
+def test_bad_combinations_stop_with_one_line(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["beit3-train", extra[0], "--out", str(tmp_path / "o"), *extra[1:], *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing half-written
