@@ -3,8 +3,10 @@
 Arms (same fine-tuning data, batch and steps per task):
 - scratch:       a fresh backbone, fine-tuned whole;
 - mdm:           a fresh backbone, then masked data modelling (MLM + MIM + pairs), fine-tuned whole;
-- clip-init:     the vision pathway copied from a duomo CLIP image tower (`--vision-init`), vision frozen;
-- clip-init+mdm: that, then masked data modelling; vision frozen while fine-tuning (the README recipe).
+- clip-init:     the vision pathway copied from a duomo CLIP image tower (`--vision-init`), vision frozen
+                 while fine-tuning (the README recipe);
+- clip-init+mdm: that, then masked language modelling on texts and pairs with the vision pathway frozen
+                 (VLMo's second stage); vision frozen while fine-tuning.
 
     python bench/beit3_shapes.py --config beit3-tiny-conv --vision-init shapes-minilm --loss ce \
         --pretrain-steps 600 --vqa-steps 800 --caption-steps 400 --threads 2 \
@@ -54,16 +56,16 @@ def start(arm: Arm, args: argparse.Namespace) -> tuple[mdm.BEiT3ForMDM | None, f
         return None, 0.0
     folder = Path(args.tmp) / arm.name
     began = time.perf_counter()
-    lr = args.pretrain_lr_init if arm.vision_init else args.lr
     model, records = mdm.pretrain_shapes(
         args.config,
         args.pretrain_steps,
         args.batch_size,
-        lr,
+        args.lr,
         args.size,
         args.seed,
         args.log_every,
         args.vision_init if arm.vision_init else None,
+        freeze_vision=arm.freeze,  # frozen CLIP tower: MLM on texts and pairs only (VLMo's second stage)
     )
     seconds = time.perf_counter() - began
     mdm.save_mdm(model, folder)  # each task starts from a fresh copy of the same weights
@@ -151,7 +153,6 @@ def main() -> None:
     p.add_argument("--arms", nargs="+", default=[a.name for a in ARMS], choices=[a.name for a in ARMS])
     p.add_argument("--loss", default="ce", choices=["bce", "ce"], help="VQA loss")
     p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--pretrain-lr-init", type=float, default=3e-4, help="MDM lr after a CLIP vision init")
     p.add_argument("--vqa-steps", type=int, default=800)
     p.add_argument("--caption-steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=32)

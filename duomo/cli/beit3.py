@@ -75,8 +75,8 @@ def train_command(
     freeze_vision: bool = typer.Option(
         False,
         "--freeze-vision",
-        help="vqa/caption: keep the vision-only parameters fixed (best with --vision-init or a pretrained "
-        "--init: the image features stay as learned, only fusion and text train).",
+        help="Keep the vision-only parameters fixed (with --vision-init or a pretrained --init): the image "
+        "features stay as learned, fusion and text train. pretrain: MLM only (VLMo's second stage).",
     ),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
@@ -96,12 +96,14 @@ def train_command(
         raise InputError(f"unknown task {task!r}; choose pretrain, vqa or caption")
     if init is not None and vision_init is not None:
         raise InputError("--vision-init starts a fresh backbone; --init already brings one: drop one of them")
-    if task == "pretrain" and freeze_vision:
-        raise InputError("--freeze-vision is for fine-tuning (vqa, caption): pretraining trains vision")
+    if task == "pretrain" and freeze_vision and vision_init is None:
+        raise InputError("pretrain --freeze-vision keeps a CLIP image tower fixed: add --vision-init MODEL")
     if task == "pretrain":
         if init is not None:
             raise InputError("pretrain starts from scratch (or --vision-init); drop --init")
-        model, _ = mdm.pretrain_shapes(config, steps, batch_size, lr, size, seed, log_every, vision_init)
+        model, _ = mdm.pretrain_shapes(
+            config, steps, batch_size, lr, size, seed, log_every, vision_init, freeze_vision
+        )
         console.print(f"saved {mdm.save_mdm(model, out)}")
         return
     from duomo.models.beit3_init import freeze_vision as freeze

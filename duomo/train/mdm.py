@@ -242,7 +242,7 @@ class MDMObjective:
         """The masked inputs and their targets for one batch."""
         out: dict[str, torch.Tensor] = {}
         pixels, tokens = batch.get("pixels"), batch.get("tokens")
-        if pixels is not None:
+        if pixels is not None and self.cfg.image_ratio > 0:
             grid = model.beit3.grid
             masks = [block_mask(grid, self.cfg.image_ratio, rng=self.rng) for _ in range(pixels.shape[0])]
             out["vision_mask"] = torch.stack(masks).to(pixels.device)
@@ -270,7 +270,7 @@ class MDMObjective:
         if "ids" in m:
             logits = inner.lm_logits(h[:, split:][m["text_mask"]])
             mlm = F.cross_entropy(logits.float(), batch["tokens"][m["text_mask"]])
-        if pixels is not None:
+        if "vision_mask" in m:
             pred = inner.mim_head(h[:, 1:split][m["vision_mask"]])
             target = patch_targets(pixels, inner.beit3.cfg.patch_size)[m["vision_mask"]]
             mim = F.mse_loss(pred.float(), target.float())
@@ -400,17 +400,28 @@ def pretrain_shapes(
     seed: int = 0,
     log_every: int = 50,
     vision_init: str | None = None,
+    freeze_vision: bool = False,
 ) -> tuple[BEiT3ForMDM, list[dict[str, float]]]:
     """Masked-data-modelling pretraining of a BEiT-3 on the shapes train split: a fresh backbone, or with
-    `vision_init` (a duomo CLIP name or folder) one whose vision pathway starts from that image tower."""
+    `vision_init` (a duomo CLIP name or folder) one whose vision pathway starts from that image tower.
+
+    `freeze_vision` (VLMo's second stage, for a `vision_init` start): the vision-only parameters stay fixed,
+    so there is no image modelling: MLM on texts and on the text of pairs, whose images stay unmasked.
+    """
     from duomo.data.tokenizer import get_tokenizer
+    from duomo.models.beit3_init import freeze_vision as freeze
     from duomo.models.beit3_init import start_backbone
 
     torch.manual_seed(seed)
     model = BEiT3ForMDM(start_backbone(config, vision_init))
     tok = get_tokenizer()
-    objective = MDMObjective(MDMConfig(special_ids=(tok.sot_token_id, tok.eot_token_id)), seed=seed)
-    batches = shapes_mdm_batches(model.beit3, size, batch_size, seed)
+    cfg = MDMConfig(special_ids=(tok.sot_token_id, tok.eot_token_id))
+    kinds: tuple[str, ...] = ("image", "text", "pair")
+    if freeze_vision:
+        freeze(model)
+        cfg.image_ratio, kinds = 0.0, ("text", "pair")
+    objective = MDMObjective(cfg, seed=seed)
+    batches = shapes_mdm_batches(model.beit3, size, batch_size, seed, kinds=kinds)
     records = train_steps(model, objective, batches, steps, lr, warmup=steps // 10, log_every=log_every)
     return model, records
 

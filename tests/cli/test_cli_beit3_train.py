@@ -67,11 +67,28 @@ def test_pretrain_from_a_clip_tower_saves_its_architecture(clip_dir: Path, tmp_p
     assert cfg.layernorm_embedding and not cfg.subln and cfg.mean == tuple(_visual(clip_dir).cfg.mean)
 
 
+def test_pretrain_with_a_frozen_clip_tower_trains_only_the_language_side(
+    clip_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "mdm"
+    args = ["beit3-train", "pretrain", "--out", str(out), "--vision-init", str(clip_dir), "--freeze-vision"]
+    assert main([*args, *SMALL]) == 0
+    backbone = load_mdm(out).beit3
+    visual = _visual(clip_dir)
+    torch.testing.assert_close(
+        backbone.encoder.blocks[1].attn.q.vision.bias, visual.transformer.blocks[1].attn.qkv.bias[:64]
+    )
+    fresh = duomo.models.beit3_init.start_backbone("beit3-micro", str(clip_dir))
+    assert not torch.equal(
+        backbone.encoder.blocks[1].attn.q.text.weight, fresh.encoder.blocks[1].attn.q.text.weight
+    )
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["vqa", "--init", "somewhere", "--vision-init", "shapes-minilm"], "drop one of them"),
-        (["pretrain", "--freeze-vision"], "for fine-tuning"),
+        (["pretrain", "--freeze-vision"], "add --vision-init"),
         (["segment"], "unknown task"),
         (["vqa", "--vision-init", "no-such-model-anywhere"], "unknown model"),
         (["vqa", "--vision-init", "beit3-micro"], "BEiT-3 config"),

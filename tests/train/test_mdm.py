@@ -90,6 +90,16 @@ def test_losses_only_on_masked_positions() -> None:
     assert torch.equal(masked["ids"][~masked["text_mask"]], ids[~masked["text_mask"]])
 
 
+def test_no_image_masking_keeps_pairs_whole_and_the_loss_finite() -> None:
+    model = tiny()
+    objective = MDMObjective(MDMConfig(special_ids=(SOT, EOT), image_ratio=0.0), seed=0)
+    ids = torch.tensor([[SOT, 320, 1929, 2368, 530, EOT]])
+    batch = {"pixels": torch.randn(1, 3, 32, 32), "tokens": ids, "padding_mask": ids == -1}
+    assert "vision_mask" not in objective.mask_batch(model, batch)
+    out = objective(model, batch)
+    assert float(out["mim"]) == 0.0 and torch.isfinite(out["loss"]) and float(out["mlm"]) > 0
+
+
 def test_text_only_uses_monomodal_ratio_and_training_lowers_loss() -> None:
     model = tiny()
     objective = MDMObjective(MDMConfig(special_ids=(SOT, EOT)), seed=0)
