@@ -155,10 +155,24 @@ def freeze_vision(model: nn.Module) -> int:
     parameters were frozen; 0 means the model has no vision-only part, which is an error."""
     frozen = 0
     for name, param in model.named_parameters():
-        bare = name.removeprefix("beit3.")
-        if ".vision." in f".{bare}" or bare.startswith("vision_embed."):
+        if _vision_only(name):
             param.requires_grad_(False)
             frozen += param.numel()
     if not frozen:
         raise ConfigError(f"{type(model).__name__} has no BEiT-3 vision parameters to freeze")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _vision_only(name + "."):
+            # a frozen BatchNorm (the conv stem's) keeps normalising with its running statistics and never
+            # updates them, in train mode too (as torchvision's FrozenBatchNorm2d)
+            module.register_forward_pre_hook(_stay_in_eval)
     return frozen
+
+
+def _vision_only(name: str) -> bool:
+    """Whether a parameter or module name of a BEiT-3 (or a task model around one) is vision-only."""
+    bare = name.removeprefix("beit3.")
+    return ".vision." in f".{bare}" or bare.startswith("vision_embed.")
+
+
+def _stay_in_eval(module: nn.Module, args: tuple) -> None:
+    module.train(False)

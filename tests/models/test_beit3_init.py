@@ -82,3 +82,30 @@ def test_start_backbone_loads_a_saved_clip_folder(tmp_path) -> None:  # noqa: AN
         torch.testing.assert_close(
             backbone.eval()(images=images), pipe.model.visual.eval().forward_features(images)
         )
+
+
+def test_freezing_keeps_the_conv_stem_batchnorm_statistics_in_train_mode() -> None:
+    from duomo.models.beit3_init import freeze_vision
+    from duomo.tasks.vqa import new_vqa_model
+
+    clip = create_model("shapes-tiny-conv").eval()
+    _randomise(clip.visual)
+    model = new_vqa_model("beit3-tiny-conv", beit3_from_clip(clip, get_beit3_config("beit3-tiny-conv")))
+    frozen = freeze_vision(model)
+    assert frozen == sum(p.numel() for p in model.parameters() if not p.requires_grad) > 0
+    stem_bn = model.beit3.vision_embed.patch_embed[1]
+    before = stem_bn.running_mean.clone()
+    images = torch.randn(4, 3, 64, 64)
+    model.train()
+    train_out = model.beit3(images=images)  # train mode: the frozen BatchNorm still uses running statistics
+    torch.testing.assert_close(stem_bn.running_mean, before, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(train_out, clip.visual.forward_features(images), rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".text." in n)
+
+
+def test_freezing_a_model_without_vision_parameters_is_an_error() -> None:
+    from duomo.models.beit3_init import freeze_vision
+
+    with pytest.raises(ConfigError, match="no BEiT-3 vision parameters"):
+        freeze_vision(torch.nn.Linear(2, 2))
