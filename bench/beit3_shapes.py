@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_json  # noqa: E402
 
+from duomo.models.beit3 import BEiT3  # noqa: E402
 from duomo.models.beit3_init import freeze_vision, start_backbone  # noqa: E402
 from duomo.tasks import caption, vqa  # noqa: E402
 from duomo.train import mdm  # noqa: E402
@@ -50,11 +51,10 @@ ARMS = (
 )
 
 
-def start(arm: Arm, args: argparse.Namespace) -> tuple[mdm.BEiT3ForMDM | None, float]:
-    """The arm's pretrained model (None without MDM) and the pretraining seconds."""
+def pretrain(arm: Arm, args: argparse.Namespace) -> float:
+    """Run the arm's masked data modelling (if it has any) into its folder; the seconds it took."""
     if not arm.pretrain:
-        return None, 0.0
-    folder = Path(args.tmp) / arm.name
+        return 0.0
     began = time.perf_counter()
     model, records = mdm.pretrain_shapes(
         args.config,
@@ -68,50 +68,49 @@ def start(arm: Arm, args: argparse.Namespace) -> tuple[mdm.BEiT3ForMDM | None, f
         freeze_vision=arm.freeze,  # frozen CLIP tower: MLM on texts and pairs only (VLMo's second stage)
     )
     seconds = time.perf_counter() - began
-    mdm.save_mdm(model, folder)  # each task starts from a fresh copy of the same weights
+    mdm.save_mdm(model, Path(args.tmp) / arm.name)  # each task starts from a fresh copy of the same weights
     print(json.dumps({"arm": arm.name, "pretrain_s": seconds, "last": records[-1]}), flush=True)
-    return model, seconds
+    return seconds
 
 
-def backbone_for(arm: Arm, args: argparse.Namespace):  # noqa: ANN201
-    """A fresh copy of the arm's starting backbone."""
+def start_for(arm: Arm, args: argparse.Namespace) -> tuple[mdm.BEiT3ForMDM | None, BEiT3]:
+    """A fresh copy of the arm's start: (the pretrained model or None, its backbone)."""
     torch.manual_seed(args.seed)
     if arm.pretrain:
-        return mdm.load_mdm(Path(args.tmp) / arm.name)
-    return start_backbone(args.config, args.vision_init if arm.vision_init else None)
+        pretrained = mdm.load_mdm(Path(args.tmp) / arm.name)
+        return pretrained, pretrained.beit3
+    return None, start_backbone(args.config, args.vision_init if arm.vision_init else None)
 
 
 def run_arm(arm: Arm, args: argparse.Namespace) -> list[dict]:
     """Pretrain (if the arm does), fine-tune VQA and captioning, evaluate both splits."""
-    _, pretrain_s = start(arm, args)
+    pretrain_s = pretrain(arm, args)
     rows = []
-    lr = args.lr
-    started = backbone_for(arm, args)
-    model = vqa.new_vqa_model(args.config, started.beit3 if arm.pretrain else started)
+    _, backbone = start_for(arm, args)
+    model = vqa.new_vqa_model(args.config, backbone)
     if arm.freeze:
         freeze_vision(model)
     train = vqa.ShapesVQA("train", args.size, model.beit3.cfg, model.answers, seed=args.seed)
     began = time.perf_counter()
-    steps = args.vqa_steps
-    vqa.finetune_vqa(model, train, steps, args.batch_size, lr, args.seed, args.log_every, loss=args.loss)
+    vqa.finetune_vqa(
+        model, train, args.vqa_steps, args.batch_size, args.lr, args.seed, args.log_every, loss=args.loss
+    )
     seconds = time.perf_counter() - began
     for split, data in vqa.vqa_splits(model.beit3.cfg, args.eval_size, args.seed).items():
         row = {"arm": arm.name, "task": "vqa", "split": split, "pretrain_s": pretrain_s, "train_s": seconds}
         rows.append({**row, **vqa.evaluate_vqa(model, data)})
         print(json.dumps(rows[-1]), flush=True)
 
-    started = backbone_for(arm, args)
-    cfg = (started.beit3 if arm.pretrain else started).cfg
-    train = caption.ShapesCaptions("train", args.size, cfg, seed=args.seed)
+    pretrained, backbone = start_for(arm, args)
+    train = caption.ShapesCaptions("train", args.size, backbone.cfg, seed=args.seed)
     torch.manual_seed(args.seed)
-    if arm.pretrain:
-        cap = caption.new_caption_model(cfg, started, vocab=train.vocabulary())
-    else:
-        cap = caption.new_caption_model(cfg, vocab=train.vocabulary(), backbone=started)
+    cap = caption.new_caption_model(backbone.cfg, pretrained, train.vocabulary(), backbone)
     if arm.freeze:
         freeze_vision(cap)
     began = time.perf_counter()
-    caption.finetune_caption(cap, train, args.caption_steps, args.batch_size, lr, args.seed, args.log_every)
+    caption.finetune_caption(
+        cap, train, args.caption_steps, args.batch_size, args.lr, args.seed, args.log_every
+    )
     seconds = time.perf_counter() - began
     for split in ("val", "heldout"):
         data = caption.ShapesCaptions(split, args.eval_size, cap.beit3.cfg, seed=args.seed + 1)

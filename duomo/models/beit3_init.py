@@ -22,55 +22,46 @@ from duomo.models.multiway import Multiway
 from duomo.models.vit import VisionTransformer
 
 
+def _tower_fields(vision: VisionConfig) -> dict:
+    """The BEiT-3 config fields a ViT tower fixes: its sizes, stem, pre-LN layout and pixel normalisation."""
+    return {
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "in_chans": 3,
+        "width": vision.width,
+        "layers": vision.layers,
+        "heads": vision.heads,
+        "ffn_dim": int(vision.width * vision.mlp_ratio),
+        "act": vision.act,
+        "norm_eps": vision.norm_eps,
+        "subln": False,
+        "normalize_before": True,
+        "deepnorm": False,
+        "normalize_output": True,
+        "layernorm_embedding": True,
+        "scale_embedding": False,
+        "stem": vision.stem,
+        "mean": tuple(vision.mean),
+        "std": tuple(vision.std),
+    }
+
+
+# only preprocessing reads these: a config may differ from the tower there and still hold its weights
+_PREPROCESSING = ("mean", "std")
+
+
 def beit3_config_for_vit(vision: VisionConfig, base: BEiT3Config) -> BEiT3Config:
     """A BEiT-3 config whose vision pathway has the architecture of `vision`; text settings from `base`."""
     if vision.pool != "tok":
         raise ConfigError("only a ViT that pools its class token ('tok') maps onto BEiT-3's class token")
-    return dataclasses.replace(
-        base,
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
-        in_chans=3,
-        width=vision.width,
-        layers=vision.layers,
-        heads=vision.heads,
-        ffn_dim=int(vision.width * vision.mlp_ratio),
-        act=vision.act,
-        norm_eps=vision.norm_eps,
-        subln=False,
-        normalize_before=True,
-        deepnorm=False,
-        normalize_output=True,
-        layernorm_embedding=True,
-        scale_embedding=False,
-        stem=vision.stem,
-        mean=tuple(vision.mean),
-        std=tuple(vision.std),
-    )
+    return dataclasses.replace(base, **_tower_fields(vision))
 
 
 def _check_compatible(cfg: BEiT3Config, vision: VisionConfig) -> None:
-    want = beit3_config_for_vit(vision, cfg)
-    fields = (
-        "image_size",
-        "patch_size",
-        "width",
-        "layers",
-        "heads",
-        "ffn_dim",
-        "act",
-        "norm_eps",
-        "subln",
-        "normalize_before",
-        "normalize_output",
-        "layernorm_embedding",
-        "scale_embedding",
-        "stem",
-    )
     wrong = [
-        f"{f}={getattr(cfg, f)!r} (the ViT needs {getattr(want, f)!r})"
-        for f in fields
-        if getattr(cfg, f) != getattr(want, f)
+        f"{name}={getattr(cfg, name)!r} (the ViT needs {value!r})"
+        for name, value in _tower_fields(vision).items()
+        if name not in _PREPROCESSING and getattr(cfg, name) != value
     ]
     if wrong:
         raise ConfigError(
