@@ -45,15 +45,22 @@ def ask_command(
 def caption_command(
     image: str = typer.Argument(..., help="Image file."),
     model: Path = ModelDirOpt,
-    beam: int = typer.Option(1, "--beam", min=1, help="Beam width (1: greedy)."),
-    max_len: int = typer.Option(30, "--max-len", min=1, help="Most tokens to generate."),
+    beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: 8 guided, 1 (greedy) not)."),
+    max_len: int = typer.Option(32, "--max-len", min=1, help="Most tokens to generate."),
+    guide: str = typer.Option(
+        "auto",
+        "--guide",
+        help="CLIP that re-ranks the beam's candidates: auto (the one the model's image tower came from, if "
+        "any), none, or a duomo model name or folder.",
+    ),
+    guide_weight: float = typer.Option(0.5, "--guide-weight", min=0.0, help="Weight of the CLIP's score."),
     spm: Path = SpmOpt,
 ) -> None:
     """Caption an image with a BEiT-3 captioning model."""
     from duomo.tasks.caption import caption_image, load_caption
 
     path = _image_path(image)
-    typer.echo(caption_image(load_caption(model), path, beam, max_len, spm))
+    typer.echo(caption_image(load_caption(model), path, beam, max_len, spm, guide, guide_weight))
 
 
 def train_command(
@@ -136,10 +143,14 @@ def train_command(
         caption.finetune_caption(model, train, steps, batch_size, lr, seed, log_every)
         console.print(f"saved {caption.save_caption(model, out)}")
         if eval_size:
+            from duomo.tasks.caption_guide import resolve_guide
+
+            guide = resolve_guide(model.beit3.vision_init)  # a --vision-init start: also eval guided decoding
             for split in ("val", "heldout"):
                 data = caption.ShapesCaptions(split, eval_size, model.beit3.cfg, seed=seed + 1, spm_path=spm)
-                record = {"task": "caption", "split": split, **caption.evaluate_caption(model, data)}
-                typer.echo(json.dumps(record))
+                for g in (None, guide) if guide is not None else (None,):
+                    record = {"task": "caption", "split": split, "decoding": "guided" if g else "greedy"}
+                    typer.echo(json.dumps(record | caption.evaluate_caption(model, data, guide=g)))
         return
 
 

@@ -22,6 +22,12 @@ def serve(
     caption_model: Path = typer.Option(
         None, "--caption-model", help="BEiT-3 captioning model folder to serve at /caption."
     ),
+    caption_guide: str = typer.Option(
+        "auto",
+        "--caption-guide",
+        help="CLIP guiding /caption's beam search: auto (the one the captioner's image tower came from), "
+        "none, or a duomo model name or folder.",
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
@@ -48,6 +54,7 @@ def serve(
         use_index=not no_index,
         vqa_model=vqa_model,
         caption_model=caption_model,
+        caption_guide=caption_guide,
         host=host,
         port=port,
         max_batch=max_batch,

@@ -152,6 +152,7 @@ class BEiT3(nn.Module):
     def __init__(self, cfg: BEiT3Config) -> None:
         super().__init__()
         self.cfg = cfg
+        self.vision_init: str | None = None  # the CLIP whose image tower started the vision pathway, if any
         self.grid = cfg.image_size // cfg.patch_size
         self.vision_embed = VisionEmbedding(cfg)
         self.text_embed = nn.Embedding(cfg.vocab_size, cfg.width)

@@ -11,6 +11,7 @@ the backbone's vision-only forward equals the tower's `forward_features` (tested
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -136,7 +137,12 @@ def start_backbone(config: str | BEiT3Config = "beit3-tiny", vision_init: str | 
     import duomo
 
     base = config if isinstance(config, BEiT3Config) else get_beit3_config(config)
-    return beit3_from_clip(duomo.load(str(vision_init), device="cpu").model, base)
+    backbone = beit3_from_clip(duomo.load(str(vision_init), device="cpu").model, base)
+    folder = Path(vision_init).expanduser()
+    # recorded in the task models' config.json: a shipped model by name, a folder by its absolute path
+    shipped = str(vision_init) in duomo.list_pretrained()
+    backbone.vision_init = str(folder.resolve()) if folder.exists() and not shipped else str(vision_init)
+    return backbone
 
 
 def freeze_vision(model: nn.Module) -> int:

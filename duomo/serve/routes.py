@@ -340,7 +340,7 @@ async def vqa(request: Request) -> JSONResponse:
 
 async def _caption_form(form: FormData) -> dict[str, Any]:
     data: dict[str, Any] = {}
-    for field in ("beam", "max_length"):
+    for field in ("beam", "max_length", "guide"):
         if form.get(field) not in (None, ""):
             data[field] = form.get(field)
     return _single_image(data, await _form_images(form, "image"))
@@ -359,6 +359,7 @@ class _CaptionInput(CaptionRequest):
             "image": {"type": "string", "format": "binary"},
             "beam": {"type": "integer"},
             "max_length": {"type": "integer"},
+            "guide": {"type": "boolean"},
         },
     ),
 )
@@ -367,8 +368,8 @@ async def caption(request: Request) -> JSONResponse:
     state = get_state(request)
     name = state.tasks.require("caption")
     body = await read_body(request, _CaptionInput, _caption_form)
-    text = await state.tasks.caption(body.image, body.beam, body.max_length)
-    return JSONResponse({"model": name, "caption": text})
+    text, guide = await state.tasks.caption(body.image, body.beam, body.max_length, body.guide)
+    return JSONResponse({"model": name, "caption": text, "guide": guide})
 
 
 async def _run_search(

@@ -159,7 +159,10 @@ class CaptionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(..., description="base64 bytes of an image file, or a data: URL")
-    beam: int = Field(1, ge=1, le=MAX_BEAM, description="beam width; 1: greedy decoding")
+    beam: int | None = Field(
+        None, ge=1, le=MAX_BEAM, description="beam width; 1: greedy; None: 8 when guided, else 1"
+    )
+    guide: bool = Field(True, description="false: decode without the server's caption guide (a CLIP)")
     max_length: int | None = Field(
         None, ge=1, le=MAX_CAPTION_LENGTH, description="most tokens to generate; None: 32"
     )
@@ -170,6 +173,7 @@ class CaptionResponse(BaseModel):
 
     model: str
     caption: str
+    guide: str | None = Field(None, description="the CLIP that guided the beam search; null: unguided")
 
 
 class QueueHealth(BaseModel):

@@ -24,6 +24,11 @@ class ServeSettings(BaseModel):
     caption_model: Path | None = Field(
         None, description="BEiT-3 captioning model folder for /caption; None: no /caption"
     )
+    caption_guide: str = Field(
+        "auto",
+        description="CLIP that guides /caption's beam search: auto (the captioner's recorded "
+        "image-tower CLIP, if any), none, or a duomo model name or folder",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_batch: int = Field(32, ge=1, le=4096, description="most items in one model call")

@@ -25,6 +25,7 @@ from duomo.serve.batcher import BatchObserver, DynamicBatcher
 from duomo.serve.errors import ApiError
 from duomo.serve.service import DecodeLimiter, ImageSource, image_bytes
 from duomo.serve.settings import ServeSettings
+from duomo.tasks.caption_guide import CaptionGuide
 
 TASKS = {
     "vqa": ("VQA", "--vqa-model", "vqa_model", "duomo beit3-train vqa --out DIR"),
@@ -56,6 +57,7 @@ class TaskService:
         self.names: dict[str, str] = {}
         self.queues: dict[str, DynamicBatcher] = {}
         self.transforms: dict[str, Callable[[Image.Image], torch.Tensor]] = {}
+        self.caption_guide: CaptionGuide | None = None
         run = {"vqa": self._run_vqa, "caption": self._run_caption}
         for task in TASKS:
             path = getattr(settings, TASKS[task][2])
@@ -65,6 +67,11 @@ class TaskService:
             self.names[task] = model_name(path)
             cfg = self.models[task].beit3.cfg
             self.transforms[task] = image_transform(cfg.image_size, cfg.mean, cfg.std)
+            if task == "caption":
+                from duomo.tasks.caption_guide import resolve_guide
+
+                recorded = self.models[task].beit3.vision_init
+                self.caption_guide = resolve_guide(recorded, settings.caption_guide)
             self.queues[task] = DynamicBatcher(
                 run[task],
                 name=task,
@@ -128,23 +135,30 @@ class TaskService:
                 out.append(best_answer(model, pixels.unsqueeze(0), ids, pad))
         return out
 
-    def _run_caption(self, items: list[tuple[torch.Tensor, int, int | None]]) -> list[str]:
-        """Model thread: `caption_image` on preprocessed pixels (greedy for beam 1, else beam search)."""
+    def _run_caption(
+        self, items: list[tuple[torch.Tensor, int | None, int | None, bool]]
+    ) -> list[tuple[str, str | None]]:
+        """Model thread: `caption_image` on preprocessed pixels: (caption, the guide's name or None)."""
         from duomo.tasks.caption import MAX_CAPTION, generate
 
         model = self.models["caption"]
+        out = []
         with torch.inference_mode():
-            return [
-                generate(model, pixels.unsqueeze(0).to(self.device), beam, max_len or MAX_CAPTION)[0]
-                for pixels, beam, max_len in items
-            ]
+            for pixels, beam, max_len, guided in items:
+                guide = self.caption_guide if guided else None
+                images = pixels.unsqueeze(0).to(self.device)
+                text = generate(model, images, beam, max_len or MAX_CAPTION, guide=guide)[0]
+                out.append((text, guide.name if guide is not None else None))
+        return out
 
     async def answer(self, image: ImageSource, question: str) -> tuple[str, float]:
         """(answer, probability) for a question about an image."""
         pixels = await self.decoder.run(self._pixels, "vqa", image)
         return await self.queues["vqa"].submit((pixels, question))
 
-    async def caption(self, image: ImageSource, beam: int = 1, max_len: int | None = None) -> str:
-        """The caption of an image."""
+    async def caption(
+        self, image: ImageSource, beam: int | None = None, max_len: int | None = None, guide: bool = True
+    ) -> tuple[str, str | None]:
+        """The caption of an image and the name of the CLIP that guided its decoding (None: unguided)."""
         pixels = await self.decoder.run(self._pixels, "caption", image)
-        return await self.queues["caption"].submit((pixels, beam, max_len))
+        return await self.queues["caption"].submit((pixels, beam, max_len, guide))

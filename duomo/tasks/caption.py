@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duomo.data.shapes import CAPTION_STYLES, ShapesDataset, make_caption
+from duomo.data.shapes import CAPTION_STYLES, COLOURS, SHAPES, ShapesDataset, make_caption
 from duomo.errors import InputError
 from duomo.models.beit3 import BEiT3, BEiT3Config, create_beit3
 from duomo.models.multiway import Multiway, MultiwayBlock
+from duomo.tasks.caption_guide import DEFAULT_WEIGHT, GUIDED_BEAM, CaptionGuide, resolve_guide
 from duomo.train.mdm import (
     BEiT3ForMDM,
     MaskedLMHead,
@@ -311,6 +313,9 @@ def _strip(ids: list[int], eot: int) -> list[int]:
     return ids[: ids.index(eot)] if eot in ids else ids
 
 
+Rescorer = Callable[[int, list[list[int]]], torch.Tensor]
+
+
 @torch.no_grad()
 def beam_search(
     model: BEiT3ForCaptioning,
@@ -318,15 +323,18 @@ def beam_search(
     beam: int = 3,
     max_len: int = MAX_CAPTION,
     length_penalty: float = 1.0,
+    rescore: Rescorer | None = None,
 ) -> list[list[int]]:
     """Beam-search captions (ids without <sot>/<eot>); ended beams scored by log-prob / length^penalty.
 
-    Stops when `beam` hypotheses have ended (early stopping) or at max_len; beam 1 is greedy decoding.
+    Each step keeps the `beam` best of the top 2 x beam continuations. `rescore(image index, candidate ids)`
+    (guided decoding, `duomo.tasks.caption_guide`) adds a bonus per candidate to that choice and to the
+    ended captions' scores. Stops when `beam` hypotheses have ended (early stopping) or at max_len.
     """
     model.eval()
     results = []
     steps = _max_steps(model, max_len)
-    for img in images:  # one image at a time keeps the bookkeeping plain; its beams run as one batch
+    for index, img in enumerate(images):  # one image at a time keeps the bookkeeping plain
         cache = encode_image(model, img.unsqueeze(0))
         seqs = [[model.sot_id]]
         scores = torch.zeros(1)
@@ -337,12 +345,19 @@ def beam_search(
             total = (scores.unsqueeze(1) + logp).flatten()
             top = total.topk(min(2 * beam, total.numel()))
             vocab = logp.shape[1]
+            rows_toks = [divmod(flat, vocab) for flat in top.indices.tolist()]
+            cands = [seqs[row] + [tok] for row, tok in rows_toks]
+            bonus = (
+                rescore(index, [_strip(c[1:], model.eot_id) for c in cands]).tolist()
+                if rescore is not None
+                else [0.0] * len(cands)
+            )
+            order = sorted(range(len(cands)), key=lambda j: -(top.values[j].item() + bonus[j]))
             new_seqs, new_scores, rows = [], [], []
-            for score, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-                row, tok = divmod(flat, vocab)
-                seq = seqs[row] + [tok]
-                if tok == model.eot_id:
-                    finished.append((score / (len(seq) - 1) ** length_penalty, seq))
+            for j in order:
+                score, seq, row = top.values[j].item(), cands[j], rows_toks[j][0]
+                if seq[-1] == model.eot_id:
+                    finished.append((score / (len(seq) - 1) ** length_penalty + bonus[j], seq))
                 else:
                     new_seqs.append(seq)
                     new_scores.append(score)
@@ -363,11 +378,13 @@ def beam_search(
 def generate(
     model: BEiT3ForCaptioning,
     images: torch.Tensor,
-    beam: int = 1,
+    beam: int | None = None,
     max_len: int = MAX_CAPTION,
     spm_path: str | Path | None = None,
+    guide: CaptionGuide | None = None,
 ) -> list[str]:
-    """Captions as text: greedy for beam 1, beam search otherwise.
+    """Captions as text: greedy for beam 1, beam search otherwise; with a `guide`, guided beam search
+    (`duomo.tasks.caption_guide`). `beam` None: 1 unguided, `GUIDED_BEAM` guided.
 
     Decoded with the tokenizer of the model's config; `spm_path` (else `$DUOMO_BEIT3_SPM`) is unilm's
     beit3.spm for a "beit3-spm" config.
@@ -375,11 +392,17 @@ def generate(
     from duomo.data.spm_tokenizer import beit3_tokenizer
 
     tok = beit3_tokenizer(model.beit3.cfg, spm_path)  # before decoding: a missing .spm fails fast
-    ids = greedy_decode(model, images, max_len) if beam <= 1 else beam_search(model, images, beam, max_len)
+    beam = beam if beam is not None else (GUIDED_BEAM if guide is not None else 1)
+    if guide is not None:
+        rescore = guide.rescorer(images, model.beit3.cfg, tok.decode)
+        ids = beam_search(model, images, beam, max_len, rescore=rescore)
+    elif beam <= 1:
+        ids = greedy_decode(model, images, max_len)
+    else:
+        ids = beam_search(model, images, beam, max_len)
     return [tok.decode(row) for row in ids]
 
 
-# --- metrics --------------------------------------------------------------------------------------------
 def caption_words(text: str) -> list[str]:
     """Lower-cased words without punctuation (coco-caption's PTB tokenizer, simplified)."""
     return "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split()
@@ -450,6 +473,29 @@ def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigm
 
 
 # --- shapes data, training, evaluation, saving -----------------------------------------------------------
+_PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
+
+
+def named_pair(caption: str) -> tuple[str, str] | None:
+    """The first "colour shape" a caption names ("a small red star on the left" -> ("red", "star"))."""
+    found = _PAIR.search(caption.lower())
+    return (found.group(1), found.group(2)) if found else None
+
+
+def caption_grounding(captions: list[str], objects: list[list[tuple[str, str]]]) -> dict[str, float]:
+    """How often the first "colour shape" a caption names is an object of its image ("grounded") and is
+    the image's main object, `objects[i][0]` ("main"): the share of captions that describe what is there,
+    where BLEU also rewards a fluent caption of the wrong shape."""
+    if len(captions) != len(objects):
+        raise InputError(f"{len(captions)} captions for {len(objects)} images")
+    pairs = [named_pair(c) for c in captions]
+    n = max(1, len(captions))
+    return {
+        "grounded": sum(p is not None and p in objs for p, objs in zip(pairs, objects, strict=True)) / n,
+        "main": sum(p is not None and p == objs[0] for p, objs in zip(pairs, objects, strict=True)) / n,
+    }
+
+
 def caption_vocabulary(ids: torch.Tensor, padding: torch.Tensor, sot_id: int = 49406) -> list[int]:
     """The distinct token ids of tokenized captions [N, T] outside padding, without <start_of_text>."""
     used = set(ids[~padding].tolist())
@@ -475,6 +521,8 @@ class ShapesCaptions:
         samples = [ds[i] for i in range(size)]
         self.pixels = shapes_pixels(samples, cfg.image_size, cfg.mean, cfg.std)
         self.captions = [s["text"] for s in samples]
+        # (colour, shape) of each image's objects, the main one (which short captions describe) first
+        self.objects = [[(o.colour, o.shape) for o in ds.scene(i).objects] for i in range(size)]
         self.references = []
         for i in range(size):
             scene, rng = ds.scene(i), random.Random(f"refs/{seed}/{split}/{i}")
@@ -527,15 +575,22 @@ def finetune_caption(
 
 @torch.no_grad()
 def evaluate_caption(
-    model: BEiT3ForCaptioning, data: ShapesCaptions, beam: int = 1, batch_size: int = 64
+    model: BEiT3ForCaptioning,
+    data: ShapesCaptions,
+    beam: int | None = None,
+    batch_size: int = 64,
+    guide: CaptionGuide | None = None,
 ) -> dict[str, float]:
-    """BLEU-4 and CIDEr-D of generated captions against the per-style references, plus an example."""
+    """BLEU-4 and CIDEr-D of generated captions against the per-style references, how often a caption
+    names a real object (`caption_grounding`), plus an example; `beam` and `guide` as in `generate`."""
     outs: list[str] = []
     for start in range(0, len(data), batch_size):
-        outs += generate(model, data.pixels[start : start + batch_size], beam, spm_path=data.spm_path)
+        pixels = data.pixels[start : start + batch_size]
+        outs += generate(model, pixels, beam, spm_path=data.spm_path, guide=guide)
     return {
         "bleu4": bleu(outs, data.references),
         "cider_d": cider_d(outs, data.references),
+        **caption_grounding(outs, data.objects),
         "images": float(len(outs)),
         "example": outs[0] if outs else "",
     }
@@ -570,6 +625,7 @@ def save_caption(model: BEiT3ForCaptioning, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     meta = {"task": TASK, "beit3": model.beit3.cfg.to_dict(), "tie_lm_head": model.lm_head.tied}
     meta |= {"sot_id": model.sot_id, "eot_id": model.eot_id, "vocab": model.vocab}
+    meta["vision_init"] = model.beit3.vision_init  # the guide of `caption_image(..., guide="auto")`
     write_json(meta, path / "config.json")
     save_safetensors(model.state_dict(), path / "model.safetensors", {"task": TASK})
     return path
@@ -586,6 +642,7 @@ def load_caption(path: str | Path) -> BEiT3ForCaptioning:
         backbone, data.get("tie_lm_head", True), data["sot_id"], data["eot_id"], data.get("vocab")
     )
     load_task_weights(model, path)
+    model.beit3.vision_init = data.get("vision_init")
     return model.eval()
 
 
@@ -593,14 +650,21 @@ def load_caption(path: str | Path) -> BEiT3ForCaptioning:
 def caption_image(
     model: BEiT3ForCaptioning,
     image: object,
-    beam: int = 1,
+    beam: int | None = None,
     max_len: int = MAX_CAPTION,
     spm_path: str | Path | None = None,
+    guide: str | None = "auto",
+    guide_weight: float = DEFAULT_WEIGHT,
 ) -> str:
-    """The caption of one image (path, bytes, PIL...); `spm_path` as in `generate`."""
+    """The caption of one image (path, bytes, PIL...); `spm_path` and `beam` as in `generate`.
+
+    `guide`: "auto" decodes guided by the CLIP the captioner's image tower came from (when it records one),
+    "none" plainly, a duomo CLIP name or folder guided by that one (`duomo.tasks.caption_guide`).
+    """
     from duomo.data.transforms import image_transform, preprocess_images
 
     cfg = model.beit3.cfg
+    chosen = resolve_guide(model.beit3.vision_init, guide, guide_weight)
     pixels = preprocess_images([image], image_transform(cfg.image_size, cfg.mean, cfg.std))
     pixels = pixels.to(next(model.parameters()).device)
-    return generate(model, pixels, beam, max_len, spm_path)[0]
+    return generate(model, pixels, beam, max_len, spm_path, chosen)[0]

@@ -220,7 +220,13 @@ def save_vqa(model: VQAModel, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_json(
-        {"task": TASK, "beit3": model.beit3.cfg.to_dict(), "answers": model.answers, "loss": model.loss},
+        {
+            "task": TASK,
+            "beit3": model.beit3.cfg.to_dict(),
+            "vision_init": model.beit3.vision_init,
+            "answers": model.answers,
+            "loss": model.loss,
+        },
         path / "config.json",
     )
     save_safetensors(model.state_dict(), path / "model.safetensors", {"task": TASK})
@@ -233,6 +239,7 @@ def load_vqa(path: str | Path) -> VQAModel:
     data = read_task_config(path, TASK)
     model = VQAModel(BEiT3(BEiT3Config.from_dict(data["beit3"])), data["answers"], data.get("loss", "bce"))
     load_task_weights(model, path)
+    model.beit3.vision_init = data.get("vision_init")
     return model.eval()
 
 

@@ -465,7 +465,7 @@ def save_mdm(model: BEiT3ForMDM, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"task": MDM_TASK, "beit3": model.beit3.cfg.to_dict(), "tie_lm_head": model.lm_head.tied}
-    write_json(meta, path / "config.json")
+    write_json(meta | {"vision_init": model.beit3.vision_init}, path / "config.json")
     save_safetensors(model.state_dict(), path / "model.safetensors", {"task": MDM_TASK})
     return path
 
@@ -476,4 +476,5 @@ def load_mdm(path: str | Path) -> BEiT3ForMDM:
     data = read_task_config(path, MDM_TASK)
     model = BEiT3ForMDM(BEiT3(BEiT3Config.from_dict(data["beit3"])), data.get("tie_lm_head", True))
     load_task_weights(model, path)
+    model.beit3.vision_init = data.get("vision_init")
     return model

@@ -101,3 +101,38 @@ def test_bad_combinations_stop_with_one_line(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_a_captioner_from_a_clip_tower_is_guided_by_that_clip(
+    clip_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from duomo.data.shapes import ShapesDataset
+    from duomo.tasks.caption import caption_image
+
+    out = tmp_path / "cap"
+    small = [a if a != "0" else "8" for a in SMALL]  # evaluate on 8 images a split
+    args = ["beit3-train", "caption", "--out", str(out), "--vision-init", str(clip_dir), "--freeze-vision"]
+    assert main([*args, *small]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["split"], r["decoding"]) for r in rows] == [
+        ("val", "greedy"),
+        ("val", "guided"),
+        ("heldout", "greedy"),
+        ("heldout", "guided"),
+    ]
+    assert all(0 <= r["grounded"] <= 1 and 0 <= r["main"] <= r["grounded"] for r in rows)
+
+    image = tmp_path / "img.png"
+    ShapesDataset("heldout", 1, image_size=32)[0]["image"].save(image)
+    model = load_caption(out)
+    assert model.beit3.vision_init == str(clip_dir.resolve())
+    for flags, guide in (([], "auto"), (["--guide", "none"], "none"), (["--guide-weight", "3"], "auto")):
+        assert main(["caption", str(image), "-m", str(out), "--max-len", "4", *flags]) == 0
+        weight = 3.0 if "--guide-weight" in flags else 0.5
+        want = caption_image(model, str(image), max_len=4, guide=guide, guide_weight=weight)
+        assert capsys.readouterr().out.strip() == want
+    assert main(["caption", str(image), "-m", str(out), "--guide", "no-such-clip"]) == 1
+    err = capsys.readouterr().err
+    assert "caption guide" in err and "Traceback" not in err

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 import duomo
-from duomo.errors import CheckpointError
+from duomo.errors import CheckpointError, InputError
 from duomo.serve import ServeSettings, create_app
 from duomo.tasks.caption import caption_image, load_caption
 from duomo.tasks.vqa import answer, load_vqa
@@ -59,7 +59,7 @@ def test_caption_is_what_the_python_api_captions(tasks_client: TestClient, task_
     img = png_bytes(COLORS["green"], 40, "square")
     r = tasks_client.post("/caption", json={"image": data_url(img)})
     assert r.status_code == 200, r.text
-    assert r.json() == {"model": "micro-caption", "caption": caption_image(model, img)}
+    assert r.json() == {"model": "micro-caption", "caption": caption_image(model, img), "guide": None}
     want = caption_image(model, img, beam=3, max_len=5)
     r = tasks_client.post("/caption", json={"image": data_url(img), "beam": 3, "max_length": 5})
     assert r.status_code == 200, r.text
@@ -182,6 +182,35 @@ def test_tasks_need_the_api_key(
     assert r.status_code == 200, r.text
 
 
+def test_a_guided_server_captions_what_guided_python_captions(
+    make_client: Callable[..., TestClient], task_models: tuple[Path, Path]
+) -> None:
+    model = load_caption(task_models[1])
+    client = make_client(caption_model=task_models[1], caption_guide="shapes-tiny")
+    img = png_bytes(COLORS["red"], 40, "circle")
+    r = client.post("/caption", json={"image": data_url(img), "max_length": 4})
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "model": "micro-caption",
+        "caption": caption_image(model, img, max_len=4, guide="shapes-tiny"),
+        "guide": "shapes-tiny",
+    }
+    r = client.post("/caption", json={"image": data_url(img), "max_length": 4, "guide": False})
+    assert r.json()["guide"] is None
+    assert r.json()["caption"] == caption_image(model, img, max_len=4, guide="none")
+    files = {"image": ("r.png", img, "image/png")}
+    r = client.post("/caption", data={"max_length": "4", "guide": "false"}, files=files)
+    assert r.status_code == 200 and r.json()["guide"] is None, r.text
+
+
+def test_an_unknown_caption_guide_fails_at_startup(
+    pipeline: duomo.Pipeline, task_models: tuple[Path, Path]
+) -> None:
+    settings = ServeSettings(use_index=False, caption_model=task_models[1], caption_guide="no-such-clip")
+    with pytest.raises(InputError, match="caption guide"):
+        create_app(settings, pipeline=pipeline)
+
+
 def test_a_wrong_model_folder_fails_at_startup(
     pipeline: duomo.Pipeline, task_models: tuple[Path, Path]
 ) -> None:
@@ -211,8 +240,10 @@ def test_cli_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch, tmp_path:
     )
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
     args = ["serve", "--vqa-model", str(tmp_path / "v"), "--caption-model", str(tmp_path / "c")]
+    args += ["--caption-guide", "none"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (seen["settings"].vqa_model, seen["settings"].caption_model) == (tmp_path / "v", tmp_path / "c")
+    assert seen["settings"].caption_guide == "none"
     help_text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"}).output
     assert "--vqa-model" in help_text and "--caption-model" in help_text

@@ -1,0 +1,128 @@
+"""Image-text matching guidance for caption decoding: a CLIP rescoring the beam's continuations.
+
+A captioner fine-tuned on data where some colour+shape pairs never occur learns their absence as a language
+prior ("yellow" is never followed by "circle"), and that prior can outvote the image on an unseen pair.
+A contrastive image-text model reads such pairs much better (zero-shot, shapes-minilm-long names the held-out
+pairs of the shapes world at 0.84). Guided decoding adds its opinion to beam search: at every step the beam's
+best continuations by log-probability are re-ranked by
+
+    log p(prefix + token | image) + weight * logit_scale * cos(CLIP(image), CLIP(caption so far))
+
+and ended captions by their length-normalised log-probability plus the same term. The captioner still
+writes every word (only its own top continuations are kept); the CLIP decides between them. This is MAGIC
+search's idea (Su et al., 2022, "Language Models Can See") with the re-ranking that Nikolaus et al. (2019,
+"Compositional Generalization in Image Captioning") found to lift captions of unseen attribute pairs.
+
+A captioner trained from a CLIP's image tower (`duomo beit3-train ... --vision-init NAME`) records NAME and is
+guided by that CLIP by default (`duomo caption --guide none` turns it off).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from duomo.errors import InputError
+from duomo.models.beit3 import BEiT3Config
+
+log = logging.getLogger("duomo")
+
+DEFAULT_WEIGHT = 0.5
+GUIDED_BEAM = 8  # beam width when guidance is on and no width is asked for: it re-ranks the beam's candidates
+
+
+class CaptionGuide:
+    """A duomo CLIP pipeline that scores (image, partial caption) pairs for guided beam search."""
+
+    def __init__(self, pipeline: object, weight: float = DEFAULT_WEIGHT, name: str = "") -> None:
+        if weight < 0:
+            raise InputError(f"guide weight must be >= 0, got {weight}")
+        self.pipeline = pipeline
+        self.weight = weight
+        self.name = name or getattr(pipeline, "name", "")
+        scale = pipeline.model.logit_scale.detach().exp().clamp(max=100)  # type: ignore[attr-defined]
+        self.scale = float(scale)
+
+    def image_embeddings(self, pixels: torch.Tensor, cfg: BEiT3Config) -> torch.Tensor:
+        """CLIP embeddings [B, D] of images preprocessed for the captioner (`cfg`'s size and mean/std).
+
+        A captioner started from this CLIP's tower shares its preprocessing and the pixels go in as they
+        are; otherwise they are un-normalised, resized and normalised the CLIP's way.
+        """
+        vision = self.pipeline.config.vision  # type: ignore[attr-defined]
+        same = (
+            vision.image_size == cfg.image_size
+            and tuple(vision.mean) == tuple(cfg.mean)
+            and tuple(vision.std) == tuple(cfg.std)
+        )
+        if not same:
+            mean = torch.tensor(cfg.mean, device=pixels.device).view(1, 3, 1, 1)
+            std = torch.tensor(cfg.std, device=pixels.device).view(1, 3, 1, 1)
+            raw = (pixels * std + mean).clamp(0, 1)
+            if raw.shape[-1] != vision.image_size or raw.shape[-2] != vision.image_size:
+                size = (vision.image_size, vision.image_size)
+                raw = F.interpolate(raw, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+            pixels = (raw - raw.new_tensor(vision.mean).view(1, 3, 1, 1)) / raw.new_tensor(vision.std).view(
+                1, 3, 1, 1
+            )
+        return self.pipeline.encode_pixels(pixels)  # type: ignore[attr-defined]
+
+    def bonus(self, image_embedding: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """weight * logit_scale * cosine of one image embedding [D] with each text: [len(texts)] float32."""
+        if self.weight == 0 or not texts:
+            return torch.zeros(len(texts))
+        # an empty prefix (the first step) is scored as a blank text: the same for every candidate
+        text = self.pipeline.encode_text([t if t.strip() else " " for t in texts])  # type: ignore[attr-defined]
+        return self.weight * self.scale * (text @ image_embedding.cpu().float())
+
+    def rescorer(
+        self, pixels: torch.Tensor, cfg: BEiT3Config, decode: Callable[[list[int]], str]
+    ) -> Callable[[int, list[list[int]]], torch.Tensor]:
+        """What `beam_search` calls: (image index, candidate ids) -> bonus per candidate."""
+        images = self.image_embeddings(pixels, cfg)
+
+        def rescore(index: int, candidates: list[list[int]]) -> torch.Tensor:
+            return self.bonus(images[index], [decode(ids) for ids in candidates])
+
+        return rescore
+
+
+@functools.lru_cache(maxsize=4)
+def _pipeline(name: str) -> object:
+    import duomo
+
+    return duomo.load(name, device="cpu")
+
+
+def load_guide(name: str, weight: float = DEFAULT_WEIGHT) -> CaptionGuide:
+    """A guide from a duomo CLIP name or folder (loaded once per process, on the CPU)."""
+    from duomo.errors import DuomoError
+
+    try:
+        pipeline = _pipeline(str(name))
+    except DuomoError as exc:
+        raise InputError(f"cannot load the caption guide {name!r}: {exc}") from exc
+    return CaptionGuide(pipeline, weight, str(name))
+
+
+def resolve_guide(
+    recorded: str | None, guide: str | None = "auto", weight: float = DEFAULT_WEIGHT
+) -> CaptionGuide | None:
+    """The guide to decode with: `guide` "auto" takes the captioner's recorded CLIP (`recorded`; none if it
+    has none or it cannot be loaded, with a warning), "none" turns guidance off, anything else is a model
+    name or folder to load (errors if it cannot be)."""
+    if guide is None or guide == "none" or weight == 0:
+        return None
+    if guide != "auto":
+        return load_guide(guide, weight)
+    if recorded is None:
+        return None
+    try:
+        return load_guide(recorded, weight)
+    except InputError as exc:
+        log.warning("captioning without guidance: %s", exc)
+        return None
