@@ -158,10 +158,12 @@ def freeze_vision(model: nn.Module) -> int:
     if not frozen:
         raise ConfigError(f"{type(model).__name__} has no BEiT-3 vision parameters to freeze")
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _vision_only(name + "."):
+        frozen_bn = isinstance(module, nn.modules.batchnorm._BatchNorm) and _vision_only(name + ".")
+        if frozen_bn and not getattr(module, "_duomo_frozen", False):
             # a frozen BatchNorm (the conv stem's) keeps normalising with its running statistics and never
-            # updates them, in train mode too (as torchvision's FrozenBatchNorm2d)
+            # updates them, in train mode too (as torchvision's FrozenBatchNorm2d); hooked once
             module.register_forward_pre_hook(_stay_in_eval)
+            module._duomo_frozen = True
     return frozen
 
 

@@ -603,12 +603,14 @@ def new_caption_model(
     backbone: BEiT3 | None = None,
 ) -> BEiT3ForCaptioning:
     """A captioning model on a fresh backbone (`config`), a given one, or a pretrained masked-data-modelling
-    model.
+    model (`backbone`, if given too, must be that model's).
 
     Its start/end ids are those of the config's tokenizer (CLIP's, or unilm's beit3.spm: <s> 0, </s> 2).
     """
     from duomo.data.spm_tokenizer import beit3_special_ids
 
+    if mdm is not None and backbone is not None and backbone is not mdm.beit3:
+        raise InputError("give a pretrained mdm model or a backbone, not two different ones")
     if backbone is None:
         backbone = mdm.beit3 if mdm is not None else create_beit3(config)
     sot_id, eot_id, _ = beit3_special_ids(backbone.cfg)

@@ -102,6 +102,7 @@ def test_freezing_keeps_the_conv_stem_batchnorm_statistics_in_train_mode() -> No
     with torch.no_grad():
         torch.testing.assert_close(train_out, clip.visual.forward_features(images), rtol=1e-5, atol=1e-5)
     assert all(p.requires_grad for n, p in model.named_parameters() if ".text." in n)
+    assert freeze_vision(model) == frozen and len(stem_bn._forward_pre_hooks) == 1  # again: hooked once
 
 
 def test_freezing_a_model_without_vision_parameters_is_an_error() -> None:

@@ -151,3 +151,13 @@ def test_grounding_reads_the_first_named_pair() -> None:
     assert got == {"grounded": pytest.approx(2 / 3), "main": pytest.approx(1 / 3)}
     with pytest.raises(InputError):
         caption_grounding(["a"], [])
+
+
+def test_a_caption_model_takes_one_start() -> None:
+    from duomo.tasks.caption import new_caption_model
+    from duomo.train.mdm import BEiT3ForMDM
+
+    mdm = BEiT3ForMDM(BEiT3(get_beit3_config("beit3-micro")))
+    assert new_caption_model("beit3-micro", mdm, backbone=mdm.beit3).beit3 is mdm.beit3
+    with pytest.raises(InputError, match="not two different"):
+        new_caption_model("beit3-micro", mdm, backbone=BEiT3(get_beit3_config("beit3-micro")))
