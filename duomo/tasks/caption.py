@@ -403,6 +403,7 @@ def generate(
     return [tok.decode(row) for row in ids]
 
 
+# --- metrics --------------------------------------------------------------------------------------------
 def caption_words(text: str) -> list[str]:
     """Lower-cased words without punctuation (coco-caption's PTB tokenizer, simplified)."""
     return "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split()
