@@ -71,7 +71,7 @@ class TaskService:
                 from duomo.tasks.caption_guide import resolve_guide
 
                 recorded = self.models[task].beit3.vision_init
-                self.caption_guide = resolve_guide(recorded, settings.caption_guide)
+                self.caption_guide = resolve_guide(recorded, settings.caption_guide, device=str(self.device))
             self.queues[task] = DynamicBatcher(
                 run[task],
                 name=task,

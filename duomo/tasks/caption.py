@@ -667,7 +667,7 @@ def caption_image(
     from duomo.data.transforms import image_transform, preprocess_images
 
     cfg = model.beit3.cfg
-    chosen = resolve_guide(model.beit3.vision_init, guide, guide_weight)
+    device = next(model.parameters()).device
+    chosen = resolve_guide(model.beit3.vision_init, guide, guide_weight, str(device))
     pixels = preprocess_images([image], image_transform(cfg.image_size, cfg.mean, cfg.std))
-    pixels = pixels.to(next(model.parameters()).device)
-    return generate(model, pixels, beam, max_len, spm_path, chosen)[0]
+    return generate(model, pixels.to(device), beam, max_len, spm_path, chosen)[0]

@@ -92,25 +92,25 @@ class CaptionGuide:
 
 
 @functools.lru_cache(maxsize=4)
-def _pipeline(name: str) -> object:
+def _pipeline(name: str, device: str) -> object:
     import duomo
 
-    return duomo.load(name, device="cpu")
+    return duomo.load(name, device=device)
 
 
-def load_guide(name: str, weight: float = DEFAULT_WEIGHT) -> CaptionGuide:
-    """A guide from a duomo CLIP name or folder (loaded once per process, on the CPU)."""
+def load_guide(name: str, weight: float = DEFAULT_WEIGHT, device: str = "cpu") -> CaptionGuide:
+    """A guide from a duomo CLIP name or folder (loaded once per process and device)."""
     from duomo.errors import DuomoError
 
     try:
-        pipeline = _pipeline(str(name))
+        pipeline = _pipeline(str(name), str(device))
     except DuomoError as exc:
         raise InputError(f"cannot load the caption guide {name!r}: {exc}") from exc
     return CaptionGuide(pipeline, weight, str(name))
 
 
 def resolve_guide(
-    recorded: str | None, guide: str | None = "auto", weight: float = DEFAULT_WEIGHT
+    recorded: str | None, guide: str | None = "auto", weight: float = DEFAULT_WEIGHT, device: str = "cpu"
 ) -> CaptionGuide | None:
     """The guide to decode with: `guide` "auto" takes the captioner's recorded CLIP (`recorded`; none if it
     has none or it cannot be loaded, with a warning), "none" turns guidance off, anything else is a model
@@ -118,11 +118,11 @@ def resolve_guide(
     if guide is None or guide == "none" or weight == 0:
         return None
     if guide != "auto":
-        return load_guide(guide, weight)
+        return load_guide(guide, weight, device)
     if recorded is None:
         return None
     try:
-        return load_guide(recorded, weight)
+        return load_guide(recorded, weight, device)
     except InputError as exc:
         log.warning("captioning without guidance: %s", exc)
         return None
