@@ -28,6 +28,9 @@ def serve(
         help="CLIP guiding /caption's beam search: auto (the one the captioner's image tower came from), "
         "none, or a duomo model name or folder.",
     ),
+    task_timeout: float = typer.Option(
+        60.0, "--task-timeout", min=0.001, help="Seconds a /vqa or /caption request may take before a 504."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
@@ -55,6 +58,7 @@ def serve(
         vqa_model=vqa_model,
         caption_model=caption_model,
         caption_guide=caption_guide,
+        task_timeout_s=task_timeout,
         host=host,
         port=port,
         max_batch=max_batch,

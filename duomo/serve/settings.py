@@ -44,6 +44,9 @@ class ServeSettings(BaseModel):
     decode_threads: int = Field(4, ge=1, description="most images decoding at once (bounds pixel memory)")
     max_k: int = Field(200, ge=1, description="most search results per request")
     drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, how long queued work may finish")
+    task_timeout_s: float = Field(
+        60.0, gt=0, description="longest a /vqa or /caption request may wait and run; beyond it 504"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:

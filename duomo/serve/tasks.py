@@ -11,6 +11,7 @@ preprocessing (tests/serve/test_serve_vqa_caption.py checks the server answers e
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -151,14 +152,25 @@ class TaskService:
                 out.append((text, guide.name if guide is not None else None))
         return out
 
+    async def _submit(self, task: str, item: tuple) -> Any:
+        """Queue one item on a task's queue; 504 after `task_timeout_s` (the item is then dropped unless it
+        already runs: the model thread cannot be interrupted mid-call)."""
+        limit = self.settings.task_timeout_s
+        try:
+            return await asyncio.wait_for(self.queues[task].submit(item), limit)
+        except TimeoutError as exc:
+            hint = "; try beam 1 or a shorter max_length" if task == "caption" else ""
+            message = f"the {task} request took longer than {limit:g} s (queue plus model){hint}"
+            raise ApiError(504, message, code="timeout") from exc
+
     async def answer(self, image: ImageSource, question: str) -> tuple[str, float]:
         """(answer, probability) for a question about an image."""
         pixels = await self.decoder.run(self._pixels, "vqa", image)
-        return await self.queues["vqa"].submit((pixels, question))
+        return await self._submit("vqa", (pixels, question))
 
     async def caption(
         self, image: ImageSource, beam: int | None = None, max_len: int | None = None, guide: bool = True
     ) -> tuple[str, str | None]:
         """The caption of an image and the name of the CLIP that guided its decoding (None: unguided)."""
         pixels = await self.decoder.run(self._pixels, "caption", image)
-        return await self.queues["caption"].submit((pixels, beam, max_len, guide))
+        return await self._submit("caption", (pixels, beam, max_len, guide))

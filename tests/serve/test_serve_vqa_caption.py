@@ -203,6 +203,36 @@ def test_a_guided_server_captions_what_guided_python_captions(
     assert r.status_code == 200 and r.json()["guide"] is None, r.text
 
 
+def test_a_task_request_past_its_time_limit_gets_504_and_the_server_goes_on(
+    make_client: Callable[..., TestClient], task_models: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from duomo.serve.tasks import TaskService
+
+    real = TaskService._run_caption
+    slow = {"on": True}
+
+    def run(self, items):  # noqa: ANN001, ANN202
+        if slow["on"]:
+            time.sleep(0.5)
+        return real(self, items)
+
+    monkeypatch.setattr(TaskService, "_run_caption", run)
+    client = make_client(caption_model=task_models[1], task_timeout_s=0.1)
+    body = {"image": data_url(png_bytes()), "max_length": 3}
+    err = error_of(client.post("/caption", json=body), 504)
+    assert err["code"] == "timeout" and "0.1 s" in err["message"] and err["type"] == "timeout_error"
+    slow["on"] = False
+    for _ in range(50):  # once the slow call is off the model thread, the queue serves again
+        r = client.post("/caption", json=body)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 504, r.text
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
+
+
 def test_an_unknown_caption_guide_fails_at_startup(
     pipeline: duomo.Pipeline, task_models: tuple[Path, Path]
 ) -> None:
@@ -240,10 +270,10 @@ def test_cli_flags_reach_the_settings(monkeypatch: pytest.MonkeyPatch, tmp_path:
     )
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
     args = ["serve", "--vqa-model", str(tmp_path / "v"), "--caption-model", str(tmp_path / "c")]
-    args += ["--caption-guide", "none"]
+    args += ["--caption-guide", "none", "--task-timeout", "5"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (seen["settings"].vqa_model, seen["settings"].caption_model) == (tmp_path / "v", tmp_path / "c")
-    assert seen["settings"].caption_guide == "none"
+    assert seen["settings"].caption_guide == "none" and seen["settings"].task_timeout_s == 5
     help_text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"}).output
     assert "--vqa-model" in help_text and "--caption-model" in help_text
