@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 console = Console(stderr=True)
+TRAIN_TASKS = ("pretrain", "vqa", "caption", "retrieval", "classify")
 
 ModelDirOpt = typer.Option(..., "--model", "-m", help="A fine-tuned model folder (duomo beit3-train --out).")
 SpmOpt = typer.Option(
@@ -64,7 +65,9 @@ def caption_command(
 
 
 def train_command(
-    task: str = typer.Argument(..., help="pretrain (masked data modelling), vqa or caption."),
+    task: str = typer.Argument(
+        ..., help="pretrain (masked data modelling), vqa, caption, retrieval (dual encoder) or classify."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model."),
     init: Path = typer.Option(None, "--init", help="Start from a pretrained folder (beit3-train pretrain)."),
     config: str = typer.Option("beit3-tiny", "--config", help="BEiT-3 config name or JSON (fresh start)."),
@@ -88,9 +91,11 @@ def train_command(
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
     loss: str = typer.Option("bce", "--loss", help="vqa: bce (unilm's) or ce (one right answer)."),
+    label: str = typer.Option("shape", "--label", help="classify: the main object's shape, colour or pair."),
     spm: Path = SpmOpt,
 ) -> None:
-    """Pretrain (MDM) or fine-tune (VQA, captioning) a BEiT-3 on the shapes world; evals print as JSON."""
+    """Pretrain (MDM) or fine-tune (VQA, captioning, retrieval, classification) a BEiT-3 on the shapes world;
+    evals print as JSON."""
     import torch
 
     from duomo.errors import InputError
@@ -99,8 +104,8 @@ def train_command(
     if threads:
         torch.set_num_threads(threads)
     log_every = max(1, steps // 10)
-    if task not in ("pretrain", "vqa", "caption"):
-        raise InputError(f"unknown task {task!r}; choose pretrain, vqa or caption")
+    if task not in TRAIN_TASKS:
+        raise InputError(f"unknown task {task!r}; choose {', '.join(TRAIN_TASKS)}")
     if init is not None and vision_init is not None:
         raise InputError("--vision-init starts a fresh backbone; --init already brings one: drop one of them")
     if task == "pretrain" and freeze_vision and vision_init is None:
@@ -152,6 +157,36 @@ def train_command(
                     record = {"task": "caption", "split": split, "decoding": "guided" if g else "greedy"}
                     typer.echo(json.dumps(record | caption.evaluate_caption(model, data, guide=g)))
         return
+    if task == "retrieval":
+        from duomo.models.beit3 import BEiT3ForRetrieval
+        from duomo.tasks import beit3_retrieval as retrieval
+        from duomo.tasks.caption import ShapesCaptions
+
+        torch.manual_seed(seed)
+        model = BEiT3ForRetrieval(backbone)
+        if freeze_vision:
+            freeze(model)
+        pairs = ShapesCaptions("train", size, backbone.cfg, seed=seed, spm_path=spm)
+        retrieval.finetune_retrieval(model, pairs, steps, batch_size, lr, seed, log_every)
+        console.print(f"saved {retrieval.save_retrieval(model, out)}")
+        for split in ("val", "heldout") if eval_size else ():
+            data = ShapesCaptions(split, eval_size, backbone.cfg, seed=seed + 1, spm_path=spm)
+            typer.echo(
+                json.dumps({"task": task, "split": split, **retrieval.evaluate_retrieval(model, data)})
+            )
+        return
+    from duomo.tasks import beit3_classify as classify
+
+    torch.manual_seed(seed)
+    model = classify.ClassifyModel(backbone, label)
+    if freeze_vision:
+        freeze(model)
+    labelled = classify.ShapesClassification("train", size, backbone.cfg, label, seed=seed)
+    classify.finetune_classify(model, labelled, steps, batch_size, lr, seed, log_every)
+    console.print(f"saved {classify.save_classify(model, out)}")
+    for split in (("val", "heldout") if label != "pair" else ("val",)) if eval_size else ():
+        data = classify.ShapesClassification(split, eval_size, backbone.cfg, label, seed=seed + 1)
+        typer.echo(json.dumps({"task": task, "split": split, **classify.evaluate_classify(model, data)}))
 
 
 def register(app: typer.Typer) -> None:
