@@ -2,7 +2,8 @@
 
 A released checkpoint is `{"model": {"beit3.<torchscale names>": ..., <task head names>: ...}}`; the bare
 backbone (`torchscale.model.BEiT3.state_dict()`) has the same names without `beit3.`. Both load; task heads
-(`pooler.*`, `head.*` for VQA, `vision_head`/`language_head`/`logit_scale` for retrieval) keep unilm's names.
+(`pooler.*`, `head.*` for VQA, `vision_head`/`language_head`/`logit_scale` for retrieval, `fc_norm.*`,
+`head.*` for image classification) keep unilm's names.
 Reading is safe: safetensors, or `torch.load(weights_only=True)` through duomo.io.files.
 """
 
@@ -22,7 +23,7 @@ from torch import nn
 from duomo.errors import CheckpointError, ConfigError
 from duomo.io.checkpoint import load_into
 from duomo.io.files import StateDict, load_weights, save_safetensors, save_torch
-from duomo.models.beit3 import BEiT3, BEiT3Config, BEiT3ForRetrieval, BEiT3ForVQA
+from duomo.models.beit3 import BEiT3, BEiT3Config, BEiT3ForImageClassification, BEiT3ForRetrieval, BEiT3ForVQA
 from duomo.models.vit import interpolate_positions
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,17 @@ def to_unilm(model: nn.Module) -> StateDict:
             "pos_offset=2, act='gelu', stem='patch'); save this model in duomo's own format instead"
         )
     return sd
+
+
+def load_beit3_classifier(
+    path: str | os.PathLike, config: BEiT3Config | None = None
+) -> BEiT3ForImageClassification:
+    """A unilm image-classification checkpoint (e.g. beit3_base_patch16_224_in1k.pth) as
+    BEiT3ForImageClassification, in eval mode."""
+    cfg, backbone, heads = read_beit3(path, config)
+    sd = _with_heads(backbone, heads, ("fc_norm.",), path, "image-classification")
+    num_classes = _require(heads, "head.weight", str(path)).shape[0]
+    return _load(BEiT3ForImageClassification(BEiT3(cfg), num_classes), sd, path).eval()
 
 
 def export_beit3(model: nn.Module, path: str | os.PathLike) -> Path:

@@ -345,7 +345,7 @@ class BEiT3ForImageClassification(nn.Module):
         super().__init__()
         dim = backbone.cfg.width
         self.beit3 = backbone
-        self.fc_norm = nn.LayerNorm(dim, eps=backbone.cfg.norm_eps)
+        self.fc_norm = nn.LayerNorm(dim)  # unilm's default norm_layer: eps 1e-5
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02, a=-0.02, b=0.02)
         with torch.no_grad():

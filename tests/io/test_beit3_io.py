@@ -16,6 +16,7 @@ from duomo.io.beit3 import (
     export_beit3,
     infer_beit3_config,
     load_beit3,
+    load_beit3_classifier,
     load_beit3_retrieval,
     load_beit3_vqa,
     read_beit3,
@@ -297,6 +298,33 @@ def test_retrieval_checkpoint(tiny, tmp_path):
         got_text = model.encode_text(x["text"], x["pad"], normalize=False)
     assert (got_image - image).abs().max().item() <= TOLERANCE
     assert (got_text - text).abs().max().item() <= TOLERANCE
+
+
+def test_image_classification_checkpoint_parity_and_export(tiny, tmp_path):
+    cfg, reference = tiny
+    num_classes, gen = 7, torch.Generator().manual_seed(11)
+    heads = {
+        "fc_norm.weight": 1 + 0.1 * torch.randn(cfg.width, generator=gen),
+        "fc_norm.bias": 0.1 * torch.randn(cfg.width, generator=gen),
+        "head.weight": torch.randn(num_classes, cfg.width, generator=gen) * cfg.width**-0.5,
+        "head.bias": torch.randn(num_classes, generator=gen),
+    }
+    sd = {f"beit3.{k}": v for k, v in reference.state_dict().items()}
+    torch.save({"model": {**sd, **heads}}, tmp_path / "in1k.pth")
+    model = load_beit3_classifier(tmp_path / "in1k.pth")
+    x = inputs(cfg)
+    with torch.no_grad():  # unilm's BEiT3ForImageClassification.forward on torchscale's BEiT3
+        patches = reference(visual_tokens=x["images"])["encoder_out"][:, 1:].mean(1)
+        norm = nn.functional.layer_norm(patches, (cfg.width,), heads["fc_norm.weight"], heads["fc_norm.bias"])
+        expected = norm @ heads["head.weight"].T + heads["head.bias"]
+        got = model(x["images"])
+    assert got.shape == (2, num_classes)
+    assert (got - expected).abs().max().item() <= 1e-4
+    export_beit3(model, tmp_path / "again.safetensors")
+    assert set(to_unilm(model)) == set(sd) | set(heads)
+    torch.save({"model": sd}, tmp_path / "backbone-only.pth")
+    with pytest.raises(CheckpointError, match="no image-classification head"):
+        load_beit3_classifier(tmp_path / "backbone-only.pth")
 
 
 def test_fine_tuning_resolution_resizes_vision_positions(tiny, tmp_path):
