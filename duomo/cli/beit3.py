@@ -93,6 +93,9 @@ def train_command(
     loss: str = typer.Option("bce", "--loss", help="vqa: bce (unilm's) or ce (one right answer)."),
     label: str = typer.Option("shape", "--label", help="classify: the main object's shape, colour or pair."),
     spm: Path = SpmOpt,
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write into an existing non-empty --out folder."
+    ),
 ) -> None:
     """Pretrain (MDM) or fine-tune (VQA, captioning, retrieval, classification) a BEiT-3 on the shapes world;
     evals print as JSON."""
@@ -106,6 +109,8 @@ def train_command(
     log_every = max(1, steps // 10)
     if task not in TRAIN_TASKS:
         raise InputError(f"unknown task {task!r}; choose {', '.join(TRAIN_TASKS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:  # fail before the work
+        raise InputError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
     if init is not None and vision_init is not None:
         raise InputError("--vision-init starts a fresh backbone; --init already brings one: drop one of them")
     if task == "pretrain" and freeze_vision and vision_init is None:

@@ -136,3 +136,16 @@ def test_a_captioner_from_a_clip_tower_is_guided_by_that_clip(
     assert main(["caption", str(image), "-m", str(out), "--guide", "no-such-clip"]) == 1
     err = capsys.readouterr().err
     assert "caption guide" in err and "Traceback" not in err
+
+
+def test_an_existing_output_folder_is_kept_unless_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "vqa"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["beit3-train", "vqa", "--out", str(out), *SMALL]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written, nothing lost
+    assert main(["beit3-train", "vqa", "--out", str(out), "--overwrite", *SMALL]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
