@@ -22,12 +22,16 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from duomo.errors import InputError
 from duomo.models.beit3 import BEiT3Config
+
+if TYPE_CHECKING:
+    from duomo.api import Pipeline
 
 log = logging.getLogger("duomo")
 
@@ -38,14 +42,13 @@ GUIDED_BEAM = 8  # beam width when guidance is on and no width is asked for: it 
 class CaptionGuide:
     """A duomo CLIP pipeline that scores (image, partial caption) pairs for guided beam search."""
 
-    def __init__(self, pipeline: object, weight: float = DEFAULT_WEIGHT, name: str = "") -> None:
+    def __init__(self, pipeline: Pipeline, weight: float = DEFAULT_WEIGHT, name: str = "") -> None:
         if weight < 0:
             raise InputError(f"guide weight must be >= 0, got {weight}")
         self.pipeline = pipeline
         self.weight = weight
-        self.name = name or getattr(pipeline, "name", "")
-        scale = pipeline.model.logit_scale.detach().exp().clamp(max=100)  # type: ignore[attr-defined]
-        self.scale = float(scale)
+        self.name = name or pipeline.name
+        self.scale = float(pipeline.model.logit_scale.detach().exp().clamp(max=100))
 
     def image_embeddings(self, pixels: torch.Tensor, cfg: BEiT3Config) -> torch.Tensor:
         """CLIP embeddings [B, D] of images preprocessed for the captioner (`cfg`'s size and mean/std).
@@ -53,30 +56,30 @@ class CaptionGuide:
         A captioner started from this CLIP's tower shares its preprocessing and the pixels go in as they
         are; otherwise they are un-normalised, resized and normalised the CLIP's way.
         """
-        vision = self.pipeline.config.vision  # type: ignore[attr-defined]
+        vision = self.pipeline.config.vision
         same = (
             vision.image_size == cfg.image_size
             and tuple(vision.mean) == tuple(cfg.mean)
             and tuple(vision.std) == tuple(cfg.std)
         )
         if not same:
-            mean = torch.tensor(cfg.mean, device=pixels.device).view(1, 3, 1, 1)
-            std = torch.tensor(cfg.std, device=pixels.device).view(1, 3, 1, 1)
-            raw = (pixels * std + mean).clamp(0, 1)
-            if raw.shape[-1] != vision.image_size or raw.shape[-2] != vision.image_size:
+
+            def channels(values: tuple[float, ...]) -> torch.Tensor:
+                return torch.tensor(values, device=pixels.device).view(1, 3, 1, 1)
+
+            raw = (pixels * channels(cfg.std) + channels(cfg.mean)).clamp(0, 1)
+            if raw.shape[-2:] != (vision.image_size, vision.image_size):
                 size = (vision.image_size, vision.image_size)
                 raw = F.interpolate(raw, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-            pixels = (raw - raw.new_tensor(vision.mean).view(1, 3, 1, 1)) / raw.new_tensor(vision.std).view(
-                1, 3, 1, 1
-            )
-        return self.pipeline.encode_pixels(pixels)  # type: ignore[attr-defined]
+            pixels = (raw - channels(tuple(vision.mean))) / channels(tuple(vision.std))
+        return self.pipeline.encode_pixels(pixels)
 
     def bonus(self, image_embedding: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """weight * logit_scale * cosine of one image embedding [D] with each text: [len(texts)] float32."""
         if self.weight == 0 or not texts:
             return torch.zeros(len(texts))
         # an empty prefix (the first step) is scored as a blank text: the same for every candidate
-        text = self.pipeline.encode_text([t if t.strip() else " " for t in texts])  # type: ignore[attr-defined]
+        text = self.pipeline.encode_text([t if t.strip() else " " for t in texts])
         return self.weight * self.scale * (text @ image_embedding.cpu().float())
 
     def rescorer(
@@ -92,7 +95,7 @@ class CaptionGuide:
 
 
 @functools.lru_cache(maxsize=4)
-def _pipeline(name: str, device: str) -> object:
+def _pipeline(name: str, device: str) -> Pipeline:
     import duomo
 
     return duomo.load(name, device=device)
