@@ -47,6 +47,7 @@ from duomo.train.mdm import (
 )
 
 TASK = "caption"
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,:;!?])")
 MASK_PROB = 0.6  # unilm's captioning fine-tuning mask probability
 MAX_CAPTION = 32  # tokens, with <sot>/<eot>
 
@@ -400,7 +401,12 @@ def generate(
         ids = greedy_decode(model, images, max_len)
     else:
         ids = beam_search(model, images, beam, max_len)
-    return [tok.decode(row) for row in ids]
+    return [tidy_caption(tok.decode(row)) for row in ids]
+
+
+def tidy_caption(text: str) -> str:
+    """Undo the word tokenizer's spacing before punctuation (CLIP's BPE decodes "square." as "square .")."""
+    return _SPACE_BEFORE_PUNCT.sub(r"\1", text).strip()
 
 
 # --- metrics --------------------------------------------------------------------------------------------

@@ -161,3 +161,11 @@ def test_cider_d_hand_made() -> None:
     # a shorter partial match scores between, lowered by the length penalty
     part = cider_d(["a red star", "a blue circle at the top"], refs)
     assert 5.0 < part < 10.0
+
+
+def test_captions_lose_the_tokenizers_space_before_punctuation() -> None:
+    from duomo.tasks.caption import tidy_caption
+
+    assert tidy_caption("two shapes : a red star , a blue heart .") == "two shapes: a red star, a blue heart."
+    assert tidy_caption("green square .") == "green square."
+    assert tidy_caption("a small red circle") == "a small red circle"
