@@ -17,7 +17,7 @@ from torch import nn
 from duomo.data.shapes import COLOURS, SHAPES, ShapesDataset, class_names
 from duomo.errors import InputError
 from duomo.models.beit3 import BEiT3, BEiT3Config, BEiT3ForImageClassification
-from duomo.train.mdm import load_task_weights, read_task_config, shapes_pixels, train_steps
+from duomo.train.mdm import load_task_weights, read_task_config, save_task_folder, shapes_pixels, train_steps
 
 TASK = "classify"
 LABELS = ("shape", "colour", "pair")
@@ -124,14 +124,7 @@ def classify_image(model: ClassifyModel, image: object) -> tuple[str, float]:
 
 def save_classify(model: ClassifyModel, path: str | Path) -> Path:
     """Write config.json (task, backbone config, label kind, its CLIP start) and model.safetensors."""
-    from duomo.io.files import save_safetensors, write_json
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {"task": TASK, "beit3": model.beit3.cfg.to_dict(), "label": model.label}
-    write_json(meta | {"vision_init": model.beit3.vision_init}, path / "config.json")
-    save_safetensors(model.state_dict(), path / "model.safetensors", {"task": TASK})
-    return path
+    return save_task_folder(model, path, TASK, label=model.label)
 
 
 def load_classify(path: str | Path) -> ClassifyModel:
@@ -139,6 +132,5 @@ def load_classify(path: str | Path) -> ClassifyModel:
     path = Path(path)
     data = read_task_config(path, TASK)
     model = ClassifyModel(BEiT3(BEiT3Config.from_dict(data["beit3"])), data.get("label", "shape"))
-    load_task_weights(model, path)
-    model.beit3.vision_init = data.get("vision_init")
+    load_task_weights(model, path, data)
     return model.eval()

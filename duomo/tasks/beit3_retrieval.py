@@ -17,7 +17,7 @@ from torch import nn
 from duomo.models.beit3 import BEiT3, BEiT3Config, BEiT3ForRetrieval
 from duomo.tasks.caption import ShapesCaptions
 from duomo.train.losses import ClipLoss
-from duomo.train.mdm import load_task_weights, read_task_config, train_steps
+from duomo.train.mdm import load_task_weights, read_task_config, save_task_folder, train_steps
 
 TASK = "retrieval"
 
@@ -76,14 +76,7 @@ def evaluate_retrieval(
 
 def save_retrieval(model: BEiT3ForRetrieval, path: str | Path) -> Path:
     """Write config.json (task, backbone config, its CLIP start) and model.safetensors to folder `path`."""
-    from duomo.io.files import save_safetensors, write_json
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {"task": TASK, "beit3": model.beit3.cfg.to_dict(), "vision_init": model.beit3.vision_init}
-    write_json(meta, path / "config.json")
-    save_safetensors(model.state_dict(), path / "model.safetensors", {"task": TASK})
-    return path
+    return save_task_folder(model, path, TASK)
 
 
 def load_retrieval(path: str | Path) -> BEiT3ForRetrieval:
@@ -91,6 +84,5 @@ def load_retrieval(path: str | Path) -> BEiT3ForRetrieval:
     path = Path(path)
     data = read_task_config(path, TASK)
     model = BEiT3ForRetrieval(BEiT3(BEiT3Config.from_dict(data["beit3"])))
-    load_task_weights(model, path)
-    model.beit3.vision_init = data.get("vision_init")
+    load_task_weights(model, path, data)
     return model.eval()

@@ -42,6 +42,7 @@ from duomo.train.mdm import (
     TextMaskEmbedding,
     fused_forward,
     mask_text,
+    save_task_folder,
     shapes_pixels,
     train_steps,
 )
@@ -628,21 +629,18 @@ def new_caption_model(
 
 def save_caption(model: BEiT3ForCaptioning, path: str | Path) -> Path:
     """Write config.json (task, backbone config, head settings) and model.safetensors to folder `path`."""
-    from duomo.io.files import save_safetensors, write_json
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {"task": TASK, "beit3": model.beit3.cfg.to_dict(), "tie_lm_head": model.lm_head.tied}
-    meta |= {"sot_id": model.sot_id, "eot_id": model.eot_id, "vocab": model.vocab}
-    meta["vision_init"] = model.beit3.vision_init  # the guide of `caption_image(..., guide="auto")`
-    write_json(meta, path / "config.json")
-    save_safetensors(model.state_dict(), path / "model.safetensors", {"task": TASK})
-    return path
+    head = {
+        "tie_lm_head": model.lm_head.tied,
+        "sot_id": model.sot_id,
+        "eot_id": model.eot_id,
+        "vocab": model.vocab,
+    }
+    return save_task_folder(model, path, TASK, **head)  # its vision_init: caption_image's guide="auto"
 
 
 def load_caption(path: str | Path) -> BEiT3ForCaptioning:
     """A captioning model saved with `save_caption`, in eval mode."""
-    from duomo.tasks.vqa import load_task_weights, read_task_config
+    from duomo.train.mdm import load_task_weights, read_task_config
 
     path = Path(path)
     data = read_task_config(path, TASK)
@@ -650,8 +648,7 @@ def load_caption(path: str | Path) -> BEiT3ForCaptioning:
     model = BEiT3ForCaptioning(
         backbone, data.get("tie_lm_head", True), data["sot_id"], data["eot_id"], data.get("vocab")
     )
-    load_task_weights(model, path)
-    model.beit3.vision_init = data.get("vision_init")
+    load_task_weights(model, path, data)
     return model.eval()
 
 

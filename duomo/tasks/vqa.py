@@ -22,6 +22,7 @@ from duomo.models.beit3 import BEiT3, BEiT3Config, BEiT3ForVQA, create_beit3
 from duomo.train.mdm import (  # noqa: F401  (tokenize: CLIP ids, kept importable from here)
     load_task_weights,
     read_task_config,
+    save_task_folder,
     shapes_pixels,
     tokenize,
     train_steps,
@@ -215,22 +216,7 @@ def new_vqa_model(config: str | BEiT3Config = "beit3-tiny", backbone: BEiT3 | No
 
 def save_vqa(model: VQAModel, path: str | Path) -> Path:
     """Write config.json (task, backbone config, answers) and model.safetensors to folder `path`."""
-    from duomo.io.files import save_safetensors, write_json
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_json(
-        {
-            "task": TASK,
-            "beit3": model.beit3.cfg.to_dict(),
-            "vision_init": model.beit3.vision_init,
-            "answers": model.answers,
-            "loss": model.loss,
-        },
-        path / "config.json",
-    )
-    save_safetensors(model.state_dict(), path / "model.safetensors", {"task": TASK})
-    return path
+    return save_task_folder(model, path, TASK, answers=model.answers, loss=model.loss)
 
 
 def load_vqa(path: str | Path) -> VQAModel:
@@ -238,8 +224,7 @@ def load_vqa(path: str | Path) -> VQAModel:
     path = Path(path)
     data = read_task_config(path, TASK)
     model = VQAModel(BEiT3(BEiT3Config.from_dict(data["beit3"])), data["answers"], data.get("loss", "bce"))
-    load_task_weights(model, path)
-    model.beit3.vision_init = data.get("vision_init")
+    load_task_weights(model, path, data)
     return model.eval()
 
 

@@ -446,8 +446,23 @@ def read_task_config(path: str | Path, task: str) -> dict:
     return data
 
 
-def load_task_weights(model: nn.Module, path: Path) -> None:
-    """Load model.safetensors of a task folder strictly, naming missing/unexpected keys on failure."""
+def save_task_folder(model: nn.Module, path: str | Path, task: str, **meta: Any) -> Path:
+    """Write a BEiT-3 task model folder: config.json (`task`, the backbone config, the CLIP its vision pathway
+    started from, `meta`) and model.safetensors; `read_task_config` + `load_task_weights` read it back."""
+    from duomo.io.files import save_safetensors, write_json
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    backbone = model.beit3
+    config = {"task": task, "beit3": backbone.cfg.to_dict(), "vision_init": backbone.vision_init, **meta}
+    write_json(config, path / "config.json")
+    save_safetensors(model.state_dict(), path / "model.safetensors", {"task": task})
+    return path
+
+
+def load_task_weights(model: nn.Module, path: Path, config: dict) -> None:
+    """Load model.safetensors of a task folder strictly (naming missing/unexpected keys on failure) and
+    restore what its `config` records beside the weights: the CLIP the vision pathway started from."""
     from duomo.io.files import load_weights
 
     sd = load_weights(path / "model.safetensors")
@@ -456,18 +471,12 @@ def load_task_weights(model: nn.Module, path: Path) -> None:
         raise CheckpointError(
             f"{path} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    model.beit3.vision_init = config.get("vision_init")
 
 
 def save_mdm(model: BEiT3ForMDM, path: str | Path) -> Path:
     """Write a pretrained model folder: config.json (task "mdm", backbone config) + model.safetensors."""
-    from duomo.io.files import save_safetensors, write_json
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {"task": MDM_TASK, "beit3": model.beit3.cfg.to_dict(), "tie_lm_head": model.lm_head.tied}
-    write_json(meta | {"vision_init": model.beit3.vision_init}, path / "config.json")
-    save_safetensors(model.state_dict(), path / "model.safetensors", {"task": MDM_TASK})
-    return path
+    return save_task_folder(model, path, MDM_TASK, tie_lm_head=model.lm_head.tied)
 
 
 def load_mdm(path: str | Path) -> BEiT3ForMDM:
@@ -475,6 +484,5 @@ def load_mdm(path: str | Path) -> BEiT3ForMDM:
     path = Path(path)
     data = read_task_config(path, MDM_TASK)
     model = BEiT3ForMDM(BEiT3(BEiT3Config.from_dict(data["beit3"])), data.get("tie_lm_head", True))
-    load_task_weights(model, path)
-    model.beit3.vision_init = data.get("vision_init")
+    load_task_weights(model, path, data)
     return model
