@@ -354,10 +354,11 @@ def beam_search(
                 if rescore is not None
                 else [0.0] * len(cands)
             )
-            order = sorted(range(len(cands)), key=lambda j: -(top.values[j].item() + bonus[j]))
+            values = top.values.tolist()
+            order = sorted(range(len(cands)), key=lambda j: -(values[j] + bonus[j]))
             new_seqs, new_scores, rows = [], [], []
             for j in order:
-                score, seq, row = top.values[j].item(), cands[j], rows_toks[j][0]
+                score, seq, row = values[j], cands[j], rows_toks[j][0]
                 if seq[-1] == model.eot_id:
                     finished.append((score / (len(seq) - 1) ** length_penalty + bonus[j], seq))
                 else:
