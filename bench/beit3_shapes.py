@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
 from duomo.models.beit3 import BEiT3  # noqa: E402
-from duomo.models.beit3_init import freeze_vision, start_backbone  # noqa: E402
-from duomo.tasks import caption, vqa  # noqa: E402
+from duomo.models.beit3.from_clip import freeze_vision, start_backbone  # noqa: E402
+from duomo.tasks.beit3 import caption, vqa  # noqa: E402
 from duomo.train import mdm  # noqa: E402
 
 

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_json  # noqa: E402
 
-from duomo.tasks import caption  # noqa: E402
-from duomo.tasks.caption_guide import resolve_guide  # noqa: E402
+from duomo.tasks.beit3 import caption  # noqa: E402
+from duomo.tasks.beit3.caption_guide import resolve_guide  # noqa: E402
 
 # (name, beam, guide weight); weight None: unguided
 DECODINGS = (

@@ -42,7 +42,7 @@ def main() -> None:
     import open_clip
     from transformers import CLIPModel
 
-    from duomo.tasks.reference import openclip_model_from_export
+    from duomo.tasks.clip.reference import openclip_model_from_export
 
     ours = duomo.create_model(args.model).eval()
     size = ours.config.vision.image_size

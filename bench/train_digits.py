@@ -6,7 +6,7 @@
     python bench/train_digits.py bench --seeds 0 1 2 --json bench/results/train_digits.json
 
 Zero-shot top-1 on the `test` split (359 scans) with `EVAL_TEMPLATES`, prompts whose wordings never occur in
-training (the train captions come from `TRAIN_TEMPLATES`), scored by `duomo.tasks.evaluate.evaluate`. A
+training (the train captions come from `TRAIN_TEMPLATES`), scored by `duomo.tasks.clip.evaluate.evaluate`. A
 second score with the training templates shows how much the unseen wordings cost.
 """
 
@@ -39,7 +39,7 @@ SEEN_TEMPLATES = tuple(t for t in TRAIN_TEMPLATES if "{digit}" not in t)
 
 def evaluate_digits(pipe: Any) -> dict[str, float]:
     """Zero-shot top-1 / mean per-class recall on digits `test`: unseen prompts, and the training prompts."""
-    from duomo.tasks.evaluate import evaluate
+    from duomo.tasks.clip.evaluate import evaluate
 
     out: dict[str, float] = {}
     for name, templates in (("unseen", EVAL_TEMPLATES), ("seen", SEEN_TEMPLATES)):

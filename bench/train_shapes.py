@@ -19,7 +19,7 @@ Rows (all from one recipe, `recipes/shapes-tiny.json`: same data, steps, batch, 
   (`ViT-tiny-conv-MiniLM`, `recipes/shapes-minilm.json`, shipped as `shapes-minilm`);
 - `duomo+conv+hn-unrestricted` (not run by default): the swaps without the seen-pair restriction.
 
-Every model is scored by the same code (`duomo.tasks.evaluate.evaluate`) with the same prompt templates:
+Every model is scored by the same code (`duomo.tasks.clip.evaluate.evaluate`) with the same prompt templates:
 zero-shot top-1 on `val` (seen colour-shape pairs, 51 classes), `heldout` (13 pairs never seen in training,
 13 classes) and `heldout-all` (the held-out images against all 64 names, seen ones included), and
 text->image R@1 over each split's captions.
@@ -61,7 +61,7 @@ def evaluate_shapes(
     pipe: Any, size: int = 1000, templates: tuple[str, ...] = SHAPES_TEMPLATES
 ) -> dict[str, float]:
     """Zero-shot top-1 on val, heldout, heldout-all; R@1 on val and heldout; by duomo's evaluator."""
-    from duomo.tasks.evaluate import evaluate
+    from duomo.tasks.clip.evaluate import evaluate
 
     out: dict[str, float] = {}
     both = ("zeroshot", "retrieval")

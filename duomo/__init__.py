@@ -3,10 +3,10 @@
 from duomo.api import Pipeline, default_model_name, list_pretrained, load
 from duomo.errors import CheckpointError, ConfigError, DuomoError, ImageError, InputError, UnknownModelError
 from duomo.models import create_model, list_models
-
-__version__ = "0.1.0"
+from duomo.version import __version__
 
 __all__ = [
+    "__version__",
     "CheckpointError",
     "ConfigError",
     "DuomoError",

@@ -76,7 +76,7 @@ def test_demo_labels_come_from_the_lit_checkpoint_and_are_right(tmp_path) -> Non
 
     from rich.console import Console
 
-    from duomo.tasks.demo import run_demo
+    from duomo.api.demo import run_demo
 
     console = Console(file=io.StringIO(), width=200)
     run_demo(None, tmp_path / "demo", console)
@@ -93,8 +93,8 @@ def test_demo_falls_back_to_the_default_checkpoint_without_minilm(tmp_path, monk
 
     from rich.console import Console
 
+    from duomo.api import demo
     from duomo.errors import DuomoError
-    from duomo.tasks import demo
 
     real = duomo.load
 

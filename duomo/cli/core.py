@@ -31,7 +31,7 @@ DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: c
 
 def models() -> None:
     """List the built-in model configs and the checkpoints shipped with duomo."""
-    from duomo import list_pretrained
+    from duomo.api import list_pretrained
     from duomo.models import get_model_config, list_models, model_architecture
 
     names = list_pretrained() + list_models()
@@ -66,19 +66,20 @@ def embed(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Embed image files/folders or texts and write L2-normalised vectors to .npy or .parquet."""
-    import duomo
+    from duomo.api import load
     from duomo.data.files import iter_image_files
-    from duomo.tasks.embed import embed_image_files, write_embeddings
+    from duomo.errors import InputError
+    from duomo.tasks.clip.embed import embed_image_files, write_embeddings
 
     if out.exists() and not overwrite:  # fail before the work, not after it
-        raise duomo.InputError(f"{out} exists; pass --overwrite to replace it")
-    pipe = duomo.load(model, weights=weights, device=device)
+        raise InputError(f"{out} exists; pass --overwrite to replace it")
+    pipe = load(model, weights=weights, device=device)
     if text:
         keys, vectors, failures = list(inputs), pipe.encode_text(list(inputs), batch_size).numpy(), {}
     else:
         files = iter_image_files(inputs)
         if not files:
-            raise duomo.InputError("no image files found in the given paths")
+            raise InputError("no image files found in the given paths")
         with tqdm(total=len(files), unit="img", desc="embedding", disable=None) as bar:
             result = embed_image_files(pipe, files, batch_size, on_batch=bar.update)
         keys, vectors, failures = result.paths, result.embeddings, result.failures
@@ -103,15 +104,16 @@ def classify(
     device: str = DeviceOpt,
 ) -> None:
     """Zero-shot classify images against the given labels and print the best labels per image."""
-    import duomo
+    from duomo.api import load
     from duomo.data.files import iter_image_files
+    from duomo.errors import InputError
 
     label_list = _read_list(labels)
     template_list = [t.strip() for t in templates.split(",")] if templates else None
     files = iter_image_files(images)
     if not files:
-        raise duomo.InputError("no image files found in the given paths")
-    pipe = duomo.load(model, weights=weights, device=device)
+        raise InputError("no image files found in the given paths")
+    pipe = load(model, weights=weights, device=device)
     ranked = pipe.zero_shot_classify([str(f) for f in files], label_list, template_list, top_k=top_k)
     if as_json:
         records = [
@@ -158,7 +160,7 @@ def demo(
     ),
 ) -> None:
     """The Quick start demo: zero-shot labels from the embedded model and an exact format round trip."""
-    from duomo.tasks.demo import run_demo
+    from duomo.api.demo import run_demo
 
     run_demo(model, out, console)
 

@@ -39,7 +39,7 @@ def _templates(spec: str | None) -> list[str] | None:
 
 def _tasks(spec: str) -> list[str]:
     """`all` or a comma-separated list of tasks."""
-    from duomo.tasks.evaluate import TASKS
+    from duomo.tasks.clip.evaluate import TASKS
 
     return list(TASKS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
 
@@ -64,10 +64,10 @@ def eval_command(
     out: Path = typer.Option(None, "--out", "-o", help="Append the records to this JSONL file."),
 ) -> None:
     """Evaluate a model: zero-shot top-1/5, retrieval R@1/5/10, linear probe; one JSON record per result."""
-    import duomo
-    from duomo.tasks.evaluate import evaluate, write_records
+    from duomo.api import load
+    from duomo.tasks.clip.evaluate import evaluate, write_records
 
-    pipe = duomo.load(model, weights=weights, device=device)
+    pipe = load(model, weights=weights, device=device)
     name = model or pipe.name
 
     def show(record: dict) -> None:
@@ -128,11 +128,12 @@ def finetune_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing non-empty folder."),
 ) -> None:
     """Fine-tune a classifier (head initialised zero-shot) on labelled images; save it as a duomo model."""
-    import duomo
-    from duomo.tasks.finetune import FinetuneConfig, finetune, open_labelled, save_finetuned
+    from duomo.api import load
+    from duomo.errors import InputError
+    from duomo.tasks.clip.finetune import FinetuneConfig, finetune, open_labelled, save_finetuned
 
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise duomo.InputError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
+        raise InputError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
     cfg = FinetuneConfig(
         mode=mode,
         epochs=epochs,
@@ -149,7 +150,7 @@ def finetune_command(
         workers=workers,
     )
     cfg.check()
-    pipe = duomo.load(model, weights=weights, device=device)
+    pipe = load(model, weights=weights, device=device)
     dataset = open_labelled(data, size, pipe.config.vision.image_size, seed)
 
     def show(record: dict) -> None:

@@ -53,7 +53,7 @@ def index(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Index image folders (recursively): new, changed and deleted files are picked up incrementally."""
-    import duomo
+    from duomo.api import default_model_name, load
     from duomo.index import ImageIndex, default_index_dir
 
     directory = index_dir or default_index_dir()
@@ -70,7 +70,7 @@ def index(
     if model is None:
         with ImageIndex.open(directory) as idx:
             model = idx.model_name
-    pipe = duomo.load(model or duomo.default_model_name(), device=device)
+    pipe = load(model or default_model_name(), device=device)
     with ImageIndex.open(directory, pipe, reindex=reindex) as idx:
         progress = not quiet and sys.stderr.isatty()
         report = idx.update(paths or None, progress=progress, batch_size=batch_size, workers=workers)
@@ -104,22 +104,23 @@ def search(
     device: str = DeviceOpt,
 ) -> None:
     """Search the index by text, by image, or by a weighted combination of both."""
-    import duomo
+    from duomo.api import load
+    from duomo.errors import InputError
     from duomo.index import ImageIndex, default_index_dir, parse_query
     from duomo.index.store import database_path
 
     directory = index_dir or default_index_dir()
     if not database_path(directory).exists():
-        raise duomo.InputError(f"there is no index at {directory}; build one with `duomo index FOLDER`")
+        raise InputError(f"there is no index at {directory}; build one with `duomo index FOLDER`")
     text = join_query(query)
     parse_query(text)  # a malformed query fails before the model loads
     with ImageIndex.open(directory) as idx:
         if len(idx) == 0:
-            raise duomo.InputError(
+            raise InputError(
                 f"the index at {directory} holds no images; run `duomo index FOLDER` first"
             )
         model = model or idx.model_name
-    pipe = duomo.load(model, device=device)
+    pipe = load(model, device=device)
     with ImageIndex.open(directory, pipe) as idx:
         hits = idx.search(text, k=k, exact=True if exact else None)
         model_name = idx.model_name

@@ -33,7 +33,7 @@ def build_tokenizer(text_cfg: Any) -> Callable[[list[str]], Any]:
 
 
 def _minilm_tokenizer(text_cfg: Any) -> Callable[[list[str]], Any]:
-    from duomo.models.minilm import minilm_tokenizer
+    from duomo.models.clip.minilm import minilm_tokenizer
 
     return minilm_tokenizer(text_cfg)
 

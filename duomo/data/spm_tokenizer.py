@@ -203,8 +203,20 @@ class BEiT3TextTokenizer(Protocol):
         ...
 
 
+def clip_ids_with_padding(texts: list[str], context_length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP ids [N, T] (<sot> ... <eot>, trimmed to the longest) and the padding mask (True at padding)."""
+    from duomo.data.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(context_length)
+    ids = tok(texts)
+    eot = (ids == tok.eot_token_id).int().argmax(1)
+    pad = torch.arange(ids.shape[1]).unsqueeze(0) > eot.unsqueeze(1)
+    length = int(eot.max()) + 1
+    return ids[:, :length], pad[:, :length]
+
+
 class CLIPForBEiT3:
-    """CLIP's tokenizer as duomo's tiny BEiT-3 models use it (`duomo.train.mdm.tokenize`): pad id 0."""
+    """CLIP's tokenizer as duomo's tiny BEiT-3 models use it: pad id 0."""
 
     pad_token_id = 0
 
@@ -217,10 +229,8 @@ class CLIPForBEiT3:
         self.vocab_size: int = self.clip.vocab_size
 
     def encode_with_padding(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`duomo.train.mdm.tokenize`, unchanged."""
-        from duomo.train.mdm import tokenize
-
-        return tokenize(texts, context_length)
+        """CLIP ids [N, T] (<sot> ... <eot>, trimmed to the longest) and the padding mask (True at padding)."""
+        return clip_ids_with_padding(texts, context_length)
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """`CLIPTokenizer.decode`."""

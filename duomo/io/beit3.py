@@ -24,7 +24,7 @@ from duomo.errors import CheckpointError, ConfigError
 from duomo.io.checkpoint import load_into
 from duomo.io.files import StateDict, load_weights, save_safetensors, save_torch
 from duomo.models.beit3 import BEiT3, BEiT3Config, BEiT3ForImageClassification, BEiT3ForRetrieval, BEiT3ForVQA
-from duomo.models.vit import interpolate_positions
+from duomo.models.clip.vit import interpolate_positions
 
 log = logging.getLogger(__name__)
 

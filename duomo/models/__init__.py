@@ -1,7 +1,9 @@
 """Models: ViT, text Transformer, CLIP; configs as data and one factory."""
 
 from duomo.models.clip import CLIP
-from duomo.models.config import CLIPConfig, TextConfig, VisionConfig
+from duomo.models.clip.config import CLIPConfig, TextConfig, VisionConfig
+from duomo.models.clip.text import TextTransformer
+from duomo.models.clip.vit import VisionTransformer
 from duomo.models.factory import (
     create_model,
     get_model_config,
@@ -10,8 +12,6 @@ from duomo.models.factory import (
     read_config_json,
     register_text_tower,
 )
-from duomo.models.text import TextTransformer
-from duomo.models.vit import VisionTransformer
 
 __all__ = [
     "CLIP",
@@ -27,4 +27,4 @@ __all__ = [
     "read_config_json",
     "register_text_tower",
 ]
-from duomo.models import minilm  # noqa: E402, F401  (registers the "minilm" text tower)
+from duomo.models.clip import minilm  # noqa: E402, F401  (registers the "minilm" text tower)

@@ -12,9 +12,9 @@ from torch import nn
 
 from duomo.errors import ConfigError, UnknownModelError
 from duomo.models.clip import CLIP
-from duomo.models.config import CLIPConfig, TextConfig
-from duomo.models.text import TextTransformer
-from duomo.models.vit import VisionTransformer
+from duomo.models.clip.config import CLIPConfig, TextConfig
+from duomo.models.clip.text import TextTransformer
+from duomo.models.clip.vit import VisionTransformer
 
 CONFIG_DIR = resources.files("duomo.models") / "configs"
 

@@ -1,7 +1,7 @@
 """Building blocks: attention, Transformer blocks and stacks. Pure tensors, no I/O."""
 
-from duomo.nn.attention import MultiHeadAttention, causal_mask, reference_attention
-from duomo.nn.transformer import MLP, QuickGELU, Transformer, TransformerBlock, make_activation
+from duomo.nn.attention import MultiHeadAttention, attend, causal_mask, reference_attention
+from duomo.nn.transformer import MLP, QuickGELU, Transformer, TransformerBlock, make_activation, run_blocks
 
 __all__ = [
     "MLP",
@@ -9,7 +9,9 @@ __all__ = [
     "QuickGELU",
     "Transformer",
     "TransformerBlock",
+    "attend",
     "causal_mask",
     "make_activation",
     "reference_attention",
+    "run_blocks",
 ]

@@ -27,6 +27,20 @@ def reference_attention(
     return weights @ v
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    fast: bool = True,
+) -> torch.Tensor:
+    """The one attention kernel every duomo model calls: the fused `F.scaled_dot_product_attention`, or
+    `reference_attention` with `fast=False` (tests check that both give the same numbers)."""
+    if fast:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return reference_attention(q, k, v, attn_mask)
+
+
 def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
     """Boolean [T, T] mask where position i may attend to positions <= i."""
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()
@@ -54,9 +68,5 @@ class MultiHeadAttention(nn.Module):
         """Attend over the sequence x [B, T, C]; `attn_mask` as in `reference_attention`."""
         b, t, c = x.shape
         q, k, v = (self.split_heads(part) for part in self.qkv(x).split(c, dim=-1))
-        if self.fast:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        else:
-            out = reference_attention(q, k, v, attn_mask)
-        out = out.transpose(1, 2).reshape(b, t, c)
+        out = attend(q, k, v, attn_mask, self.fast).transpose(1, 2).reshape(b, t, c)
         return self.proj(out)

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from duomo.nn.attention import MultiHeadAttention
+
+
+def run_blocks(
+    blocks: Iterable[nn.Module], x: torch.Tensor, *args: Any, checkpointing: bool = False, **kwargs: Any
+) -> torch.Tensor:
+    """x through each block in turn (`block(x, *args, **kwargs)`); with `checkpointing`, each block's
+    activations are recomputed in the backward pass instead of kept (the one gradient-checkpointing loop)."""
+    for block in blocks:
+        if checkpointing:
+            x = checkpoint(block, x, *args, use_reentrant=False, **kwargs)
+        else:
+            x = block(x, *args, **kwargs)
+    return x
 
 
 class QuickGELU(nn.Module):
@@ -80,9 +96,4 @@ class Transformer(nn.Module):
             block.attn.fast = fast
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, attn_mask)
-        return x
+        return run_blocks(self.blocks, x, attn_mask, checkpointing=self.grad_checkpointing and self.training)

@@ -103,9 +103,9 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
     settings = settings or ServeSettings()
     index_dir = resolve_index_dir(settings)
     if pipeline is None:
-        import duomo
+        from duomo.api import load
 
-        pipeline = duomo.load(settings.model or index_model(index_dir), device=settings.device)
+        pipeline = load(settings.model or index_model(index_dir), device=settings.device)
     metrics = ServerMetrics()
     model = ModelService(pipeline, settings, observer=metrics)
     index = IndexService(index_dir, pipeline)
@@ -127,7 +127,7 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
             await model.close(drain=True)
             index.close()
 
-    from duomo import __version__
+    from duomo.version import __version__
 
     app = FastAPI(
         title="duomo",

@@ -18,7 +18,7 @@ from duomo.data.images import load_image
 from duomo.errors import ImageError, InputError
 from duomo.serve.batcher import BatchObserver, DynamicBatcher, QueueFullError, model_executor
 from duomo.serve.settings import ServeSettings
-from duomo.tasks.zero_shot import DEFAULT_TEMPLATES, build_classifier, classify, expand_templates
+from duomo.tasks.clip.zero_shot import DEFAULT_TEMPLATES, build_classifier, classify, expand_templates
 
 T = TypeVar("T")
 ImageSource = str | bytes  # a base64 string, a data: URL, or raw file bytes

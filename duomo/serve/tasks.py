@@ -5,7 +5,7 @@ bounded (429 beyond `max_queue`), it reports to the metrics as queue `vqa` / `ca
 and each request is one model call, interleaved with the embedding batches instead of holding them up.
 Images decode and go through the model's eval transform in worker threads first (through the model service's
 decode limiter, within the pixel limit), so queued requests hold small pixel tensors, not decoded images.
-The model thread then does what `duomo.tasks.vqa.answer` / `duomo.tasks.caption.caption_image` do after their
+The model thread then does what `duomo.tasks.beit3.vqa.answer` / `duomo.tasks.beit3.caption.caption_image` do after their
 preprocessing (tests/serve/test_serve_vqa_caption.py checks the server answers exactly what they answer).
 """
 
@@ -22,11 +22,12 @@ from PIL import Image
 
 from duomo.data.images import load_image
 from duomo.data.transforms import image_transform
+from duomo.io.beit3_tasks import load_task
 from duomo.serve.batcher import BatchObserver, DynamicBatcher
 from duomo.serve.errors import ApiError
 from duomo.serve.service import DecodeLimiter, ImageSource, image_bytes
 from duomo.serve.settings import ServeSettings
-from duomo.tasks.caption_guide import CaptionGuide
+from duomo.tasks.beit3.caption_guide import CaptionGuide
 
 TASKS = {
     "vqa": ("VQA", "--vqa-model", "vqa_model", "duomo beit3-train vqa --out DIR"),
@@ -64,14 +65,15 @@ class TaskService:
             path = getattr(settings, TASKS[task][2])
             if path is None:
                 continue
-            self.models[task] = self._load(task, Path(path).expanduser()).to(self.device)
+            model, config = load_task(Path(path).expanduser(), task)
+            self.models[task] = model.to(self.device)
             self.names[task] = model_name(path)
             cfg = self.models[task].beit3.cfg
             self.transforms[task] = image_transform(cfg.image_size, cfg.mean, cfg.std)
             if task == "caption":
-                from duomo.tasks.caption_guide import resolve_guide
+                from duomo.tasks.beit3.caption_guide import resolve_guide
 
-                recorded = self.models[task].beit3.vision_init
+                recorded = config.get("vision_init")
                 self.caption_guide = resolve_guide(recorded, settings.caption_guide, device=str(self.device))
             self.queues[task] = DynamicBatcher(
                 run[task],
@@ -82,16 +84,6 @@ class TaskService:
                 executor=executor,
                 observer=observer,
             )
-
-    @staticmethod
-    def _load(task: str, path: Path) -> Any:
-        if task == "vqa":
-            from duomo.tasks.vqa import load_vqa
-
-            return load_vqa(path)
-        from duomo.tasks.caption import load_caption
-
-        return load_caption(path)
 
     def describe(self) -> dict[str, str | None]:
         """What /healthz says: the served model of each task, None where none is configured."""
@@ -126,13 +118,16 @@ class TaskService:
 
     def _run_vqa(self, items: list[tuple[torch.Tensor, str]]) -> list[tuple[str, float]]:
         """Model thread: `answer` on preprocessed pixels (`best_answer`: top answer, its probability)."""
-        from duomo.tasks.vqa import best_answer, question_tokens
+        from duomo.data.spm_tokenizer import beit3_tokenizer
+        from duomo.tasks.beit3.data import TEXT_LENGTH
+        from duomo.tasks.beit3.vqa import best_answer
 
         model = self.models["vqa"]
         out = []
         with torch.inference_mode():
             for pixels, question in items:
-                ids, pad = question_tokens(model.beit3.cfg, [question])  # beit3.spm from $DUOMO_BEIT3_SPM
+                tok = beit3_tokenizer(model.beit3.cfg)  # beit3.spm from $DUOMO_BEIT3_SPM
+                ids, pad = tok.encode_with_padding([question], TEXT_LENGTH)
                 out.append(best_answer(model, pixels.unsqueeze(0), ids, pad))
         return out
 
@@ -140,7 +135,7 @@ class TaskService:
         self, items: list[tuple[torch.Tensor, int | None, int | None, bool]]
     ) -> list[tuple[str, str | None]]:
         """Model thread: `caption_image` on preprocessed pixels: (caption, the guide's name or None)."""
-        from duomo.tasks.caption import MAX_CAPTION, generate
+        from duomo.tasks.beit3.caption import MAX_CAPTION, generate
 
         model = self.models["caption"]
         out = []

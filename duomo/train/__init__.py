@@ -2,7 +2,8 @@
 
 from duomo.train.config import TrainConfig
 from duomo.train.losses import ClipLoss, SigLipLoss, build_loss
-from duomo.train.trainer import ContrastiveObjective, Objective, Trainer
+from duomo.train.objectives.clip import ContrastiveObjective
+from duomo.train.trainer import Objective, Trainer
 
 __all__ = [
     "ClipLoss",

@@ -41,6 +41,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     lock_image: bool = False  # LiT: freeze the image tower
     lock_text: bool = False  # freeze the text tower
+    head_lr_weight: float = 1.0  # task heads (parameters outside the trainer's `body`) learn this much faster
     # objective
     loss: str = "clip"  # "clip" (InfoNCE) or "siglip"
     hard_negatives: int = 0  # extra negative captions per image (NegCLIP)
@@ -74,6 +75,7 @@ class TrainConfig:
             (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.wd >= 0, f"wd must be >= 0, got {self.wd}"),
+            (self.head_lr_weight > 0, f"head_lr_weight must be > 0, got {self.head_lr_weight}"),
             (self.hard_negatives >= 0, f"hard_negatives must be >= 0, got {self.hard_negatives}"),
             (self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),

@@ -246,3 +246,50 @@ def pair_loader_factory(
         return DataLoader(prepared, batch_sampler=batches, **common)
 
     return make
+
+
+class RowCollate:
+    """Per-sample dicts of tensors -> one batch: stacked, with "tokens"/"padding_mask" trimmed to the
+    longest text of the batch (padding is True at padding)."""
+
+    def __call__(self, items: list[dict[str, Any]]) -> Batch:
+        """Stack every key; trim token columns."""
+        batch: Batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+        if "padding_mask" in batch:
+            length = max(1, int((~batch["padding_mask"]).sum(1).max()))
+            batch["tokens"] = batch["tokens"][:, :length]
+            batch["padding_mask"] = batch["padding_mask"][:, :length]
+        return batch
+
+
+def map_loader_factory(
+    dataset: Dataset,
+    batch_size: int,
+    collate: Callable[[list[Any]], Batch] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> LoaderFactory:
+    """`make(epoch, start)` over a map-style dataset of ready samples: this rank's full batches of `epoch`
+    from batch `start` on, each with a "seed" of its own (seed, epoch, rank, batch) for objectives that draw
+    random masks, so a resumed run draws exactly what the uninterrupted one did."""
+    collate = collate or RowCollate()
+    if len(dataset) < batch_size * world_size:
+        raise InputError(
+            f"{len(dataset)} training samples are fewer than one batch of {batch_size} x {world_size} ranks"
+        )
+
+    def make(epoch: int, start: int) -> Iterable[Batch]:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
+        sampler.set_epoch(epoch)
+        batches = SkipBatches(BatchSampler(sampler, batch_size, drop_last=True), start)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate)
+        for i, batch in enumerate(loader, start):
+            batch["seed"] = torch.tensor(sample_seed(seed, epoch, f"batch/{rank}/{i}"))
+            yield batch
+
+    return make

@@ -88,12 +88,15 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DistributedDataParallel around `model` when several processes train; `model` itself otherwise."""
+def wrap_ddp(model: nn.Module, info: DistInfo, find_unused: bool = False) -> nn.Module:
+    """DistributedDataParallel around `model` when several processes train; `model` itself otherwise.
+
+    `find_unused`: some parameters get no gradient in some steps (a BEiT-3's image mask token outside masked
+    image modelling, the text experts in an image-only batch); DDP then looks for them every step."""
     if not info.distributed:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -42,17 +42,29 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups over the trainable parameters: decayed weights and everything else (decay 0)."""
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr: float | None = None,
+    head_lr_weight: float = 1.0,
+    body: str | None = None,
+) -> list[dict]:
+    """AdamW groups over the trainable parameters: decayed weights and everything else (decay 0); with a
+    `body` prefix (e.g. "beit3."), parameters outside it (task heads) learn at `lr * head_lr_weight`
+    (unilm's task_head_lr_weight)."""
     skip = no_decay_names(model)
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if name in skip else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+            head = body is not None and head_lr_weight != 1.0 and not name.startswith(body)
+            groups.setdefault((head, name not in skip), []).append(param)
+    out = []
+    for (head, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
+        group: dict = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if head and lr is not None:
+            group["lr"] = lr * head_lr_weight
+        out.append(group)
+    return out
 
 
 def build_optimizer(
@@ -61,9 +73,12 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-6,
+    head_lr_weight: float = 1.0,
+    body: str | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (frozen ones are left out) with weight-decay exclusions."""
-    groups = [g for g in param_groups(model, weight_decay) if g["params"]]
+    """AdamW over the trainable parameters (frozen ones are left out) with weight-decay exclusions; see
+    `param_groups` for `head_lr_weight` and `body`."""
+    groups = [g for g in param_groups(model, weight_decay, lr, head_lr_weight, body) if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)

@@ -21,7 +21,8 @@ from duomo.train.config import TrainConfig
 from duomo.train.data import caption_bigrams, pair_loader_factory
 from duomo.train.distributed import DistInfo, cleanup, init_distributed
 from duomo.train.losses import build_loss
-from duomo.train.trainer import ContrastiveObjective, Trainer
+from duomo.train.objectives.clip import ContrastiveObjective
+from duomo.train.trainer import Trainer
 
 log = logging.getLogger("duomo.train")
 

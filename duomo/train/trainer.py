@@ -1,6 +1,9 @@
 """The training loop: any model, any objective, any resumable loader; one process or many (DDP).
 
     trainer = Trainer(model, ContrastiveObjective(ClipLoss()), loader_factory, TrainConfig(...))
+
+Objectives live per family in `duomo.train.objectives` (CLIP/SigLIP contrastive; BEiT-3's masked data
+modelling, VQA, captioning, retrieval, classification); fine-tuning heads bring their own.
     trainer.fit()
 
 One optimiser step = `accum` micro-batches. For contrastive objectives (those with `embed` + `loss`) the
@@ -16,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,46 +49,6 @@ class Objective(Protocol):
     """What the trainer minimises: `objective(model, batch)` -> {"loss": scalar tensor, other scalars...}."""
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]: ...
-
-
-class ContrastiveObjective:
-    """A dual encoder's `model(pixels, tokens)` embeddings scored by a contrastive loss (Clip/SigLipLoss).
-
-    Batches hold "pixels" and "tokens", and optionally "neg_tokens" [B, n, T] (hard-negative captions), which
-    are encoded in the same forward call (one call per step keeps DDP's bookkeeping simple).
-    """
-
-    def __init__(self, loss: nn.Module) -> None:
-        self.loss_fn = loss
-
-    def embed(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        """Model outputs: per-row embeddings ([B, D], [B * n, D]) and shared 0-d scalars (scale, bias)."""
-        tokens, neg = batch["tokens"], batch.get("neg_tokens")
-        b = tokens.shape[0]
-        if neg is not None:
-            tokens = torch.cat([tokens, neg.reshape(-1, neg.shape[-1])])
-        out = model(batch["pixels"], tokens)
-        feats = {"image_embeds": out["image_embeds"], "text_embeds": out["text_embeds"][:b]}
-        if neg is not None:
-            feats["neg_text_embeds"] = out["text_embeds"][b:]
-        feats["logit_scale"] = out["logit_scale"]
-        if out.get("logit_bias") is not None:
-            feats["logit_bias"] = out["logit_bias"]
-        return feats
-
-    def loss(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The contrastive loss of (possibly concatenated) embeddings."""
-        loss = self.loss_fn(
-            feats["image_embeds"],
-            feats["text_embeds"],
-            feats["logit_scale"],
-            feats.get("logit_bias"),
-            feats.get("neg_text_embeds"),
-        )
-        return {"loss": loss}
-
-    def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.loss(self.embed(model, batch))
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -134,13 +97,21 @@ class Trainer:
         info: DistInfo | None = None,
         freeze: Sequence[str] | None = None,
         meta: dict[str, Any] | None = None,
+        body: str | None = None,
+        export: Callable[[nn.Module, Path], Path] | None = None,
+        find_unused: bool = False,
     ) -> None:
+        """`freeze`: submodules kept fixed and in eval mode (default: the towers `cfg.lock_*` names);
+        `body`: the parameter-name prefix of the pretrained body (e.g. "beit3."), outside which parameters
+        learn at `cfg.head_lr_weight` times the rate; `export(model, out)`: writes the final model (default:
+        duomo's native CLIP folder OUT/model); `find_unused`: see `wrap_ddp`."""
         self.cfg = cfg
         self.info = info or DistInfo(device=resolve_device(cfg.device))
         self.device = self.info.device
         self.objective = objective
         self.loader_factory = loader_factory
         self.meta = meta or {}
+        self.export_fn = export
         self.out = Path(cfg.out)
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError(
@@ -157,11 +128,13 @@ class Trainer:
                 raise ConfigError(f"{type(self.model).__name__} does not support gradient checkpointing")
             self.model.set_grad_checkpointing(True)
 
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
+        self.optimizer = build_optimizer(
+            self.model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps, cfg.head_lr_weight, body
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup, cfg.steps, cfg.schedule, cfg.min_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.ddp = wrap_ddp(self.model, self.info)  # forward through this; save and inspect self.model
+        self.ddp = wrap_ddp(self.model, self.info, find_unused)  # forward through this; save and inspect self.model
 
         self.step = 0  # optimiser steps done
         self.epoch = 0  # data position: the next micro-batch is batch `batch_in_epoch` of `epoch`
@@ -341,6 +314,8 @@ class Trainer:
         """Write the final model in duomo's native format to OUT/model (rank 0)."""
         if not self.info.is_main:
             return None
+        if self.export_fn is not None:
+            return self.export_fn(self.model, self.out)
         from duomo.io import save_native
 
         try:

@@ -9,9 +9,8 @@ import torch
 
 import duomo
 from duomo.cli import main
-from duomo.tasks.caption import load_caption
-from duomo.tasks.vqa import load_vqa
-from duomo.train.mdm import load_mdm
+from duomo.io.beit3_tasks import load_task
+from duomo.tasks.beit3.start import start_backbone
 
 SMALL = ["--config", "beit3-micro", "--steps", "2", "--size", "8", "--batch-size", "4", "--eval-size", "0"]
 
@@ -38,13 +37,13 @@ def test_frozen_vision_keeps_the_clip_tower_and_trains_the_rest(
     out = tmp_path / task
     args = ["beit3-train", task, "--out", str(out), "--vision-init", str(clip_dir), "--freeze-vision", *SMALL]
     assert main(args) == 0
-    model = load_vqa(out) if task == "vqa" else load_caption(out)
+    model, _ = load_task(out, task)
     visual = _visual(clip_dir)
     blocks = model.beit3.encoder.blocks
     torch.testing.assert_close(blocks[0].mlp.vision.fc1.weight, visual.transformer.blocks[0].mlp.fc1.weight)
     torch.testing.assert_close(model.beit3.pos_embed.vision.weight[2:], visual.pos_embed)
     # the text side did train: its expert moved away from the fresh init's text copy of the same seed
-    fresh = duomo.models.beit3_init.start_backbone("beit3-micro", str(clip_dir))
+    fresh = start_backbone("beit3-micro", str(clip_dir))
     assert not torch.equal(blocks[0].mlp.text.fc1.weight, fresh.encoder.blocks[0].mlp.text.fc1.weight)
 
 
@@ -63,7 +62,7 @@ def test_pretrain_from_a_clip_tower_saves_its_architecture(clip_dir: Path, tmp_p
         )
         == 0
     )
-    cfg = load_mdm(tmp_path / "mdm").beit3.cfg
+    cfg = load_task(tmp_path / "mdm", "mdm")[0].beit3.cfg
     assert cfg.layernorm_embedding and not cfg.subln and cfg.mean == tuple(_visual(clip_dir).cfg.mean)
 
 
@@ -73,12 +72,12 @@ def test_pretrain_with_a_frozen_clip_tower_trains_only_the_language_side(
     out = tmp_path / "mdm"
     args = ["beit3-train", "pretrain", "--out", str(out), "--vision-init", str(clip_dir), "--freeze-vision"]
     assert main([*args, *SMALL]) == 0
-    backbone = load_mdm(out).beit3
+    backbone = load_task(out, "mdm")[0].beit3
     visual = _visual(clip_dir)
     torch.testing.assert_close(
         backbone.encoder.blocks[1].attn.q.vision.bias, visual.transformer.blocks[1].attn.qkv.bias[:64]
     )
-    fresh = duomo.models.beit3_init.start_backbone("beit3-micro", str(clip_dir))
+    fresh = start_backbone("beit3-micro", str(clip_dir))
     assert not torch.equal(
         backbone.encoder.blocks[1].attn.q.text.weight, fresh.encoder.blocks[1].attn.q.text.weight
     )
@@ -109,7 +108,7 @@ def test_a_captioner_from_a_clip_tower_is_guided_by_that_clip(
     import json
 
     from duomo.data.shapes import ShapesDataset
-    from duomo.tasks.caption import caption_image
+    from duomo.tasks.beit3.caption import caption_image
 
     out = tmp_path / "cap"
     small = [a if a != "0" else "8" for a in SMALL]  # evaluate on 8 images a split
@@ -126,12 +125,14 @@ def test_a_captioner_from_a_clip_tower_is_guided_by_that_clip(
 
     image = tmp_path / "img.png"
     ShapesDataset("heldout", 1, image_size=32)[0]["image"].save(image)
-    model = load_caption(out)
-    assert model.beit3.vision_init == str(clip_dir.resolve())
+    model, config = load_task(out, "caption")
+    assert config["vision_init"] == str(clip_dir.resolve())
     for flags, guide in (([], "auto"), (["--guide", "none"], "none"), (["--guide-weight", "3"], "auto")):
         assert main(["caption", str(image), "-m", str(out), "--max-len", "4", *flags]) == 0
         weight = 3.0 if "--guide-weight" in flags else 0.5
-        want = caption_image(model, str(image), max_len=4, guide=guide, guide_weight=weight)
+        want = caption_image(
+            model, str(image), max_len=4, guide=guide, guide_weight=weight, vision_init=config["vision_init"]
+        )
         assert capsys.readouterr().out.strip() == want
     assert main(["caption", str(image), "-m", str(out), "--guide", "no-such-clip"]) == 1
     err = capsys.readouterr().err

@@ -367,7 +367,7 @@ def test_vqa_questions_use_the_config_tokenizer(monkeypatch: pytest.MonkeyPatch,
     from PIL import Image
 
     from duomo.models.beit3 import BEiT3
-    from duomo.tasks.vqa import VQAModel, answer, question_tokens, shapes_answers
+    from duomo.tasks.beit3.vqa import VQAModel, answer, question_tokens, shapes_answers
 
     monkeypatch.delenv(SPM_ENV, raising=False)
     path = spm_paths["unigram"]
@@ -386,7 +386,7 @@ def test_vqa_questions_use_the_config_tokenizer(monkeypatch: pytest.MonkeyPatch,
 def test_caption_model_and_decoding_use_the_config_tokenizer(
     monkeypatch: pytest.MonkeyPatch, spm_paths
 ) -> None:
-    from duomo.tasks.caption import generate, new_caption_model
+    from duomo.tasks.beit3.caption import generate, new_caption_model
 
     monkeypatch.delenv(SPM_ENV, raising=False)
     torch.manual_seed(0)
@@ -403,9 +403,10 @@ def test_caption_model_and_decoding_use_the_config_tokenizer(
 
 def test_shapes_task_data_tokenize_per_config(monkeypatch: pytest.MonkeyPatch, spm_paths) -> None:
     """CLIP configs give `duomo.train.mdm.tokenize`'s ids exactly; SentencePiece ones BEiT3Tokenizer's."""
-    from duomo.tasks.caption import ShapesCaptions
-    from duomo.tasks.vqa import QUESTION_LENGTH, ShapesVQA, shapes_answers
     from duomo.train.mdm import tokenize
+
+    from duomo.tasks.beit3.caption import ShapesCaptions
+    from duomo.tasks.beit3.vqa import QUESTION_LENGTH, ShapesVQA, shapes_answers
 
     monkeypatch.delenv(SPM_ENV, raising=False)
     clip_cfg = get_beit3_config("beit3-micro")

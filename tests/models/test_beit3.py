@@ -18,7 +18,7 @@ from duomo.models.beit3 import (
     get_beit3_config,
     list_beit3_models,
 )
-from duomo.models.multiway import Multiway, route
+from duomo.models.beit3.multiway import Multiway, route
 
 TINY = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, ffn_dim=128, vocab_size=100)
 SHARED = dict(TINY, subln=False, shared_attention=True, vl_layers=1)

@@ -8,7 +8,7 @@ import torch
 from duomo.errors import ConfigError
 from duomo.models import create_model
 from duomo.models.beit3 import BEiT3, create_beit3, get_beit3_config
-from duomo.models.beit3_init import beit3_config_for_vit, beit3_from_clip, load_vit_into_beit3
+from duomo.models.beit3.from_clip import beit3_config_for_vit, beit3_from_clip, load_vit_into_beit3
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
@@ -70,7 +70,7 @@ def test_a_non_vit_tower_is_refused() -> None:
 
 def test_start_backbone_loads_a_saved_clip_folder(tmp_path) -> None:  # noqa: ANN001
     import duomo
-    from duomo.models.beit3_init import start_backbone
+    from duomo.tasks.beit3.start import start_backbone
 
     pipe = duomo.load("ViT-micro")
     _randomise(pipe.model.visual, seed=3)
@@ -85,12 +85,12 @@ def test_start_backbone_loads_a_saved_clip_folder(tmp_path) -> None:  # noqa: AN
 
 
 def test_freezing_keeps_the_conv_stem_batchnorm_statistics_in_train_mode() -> None:
-    from duomo.models.beit3_init import freeze_vision
-    from duomo.tasks.vqa import new_vqa_model
+    from duomo.models.beit3 import VQAModel
+    from duomo.models.beit3.from_clip import freeze_vision
 
     clip = create_model("shapes-tiny-conv").eval()
     _randomise(clip.visual)
-    model = new_vqa_model("beit3-tiny-conv", beit3_from_clip(clip, get_beit3_config("beit3-tiny-conv")))
+    model = VQAModel(beit3_from_clip(clip, get_beit3_config("beit3-tiny-conv")), ["yes", "no"])
     frozen = freeze_vision(model)
     assert frozen == sum(p.numel() for p in model.parameters() if not p.requires_grad) > 0
     stem_bn = model.beit3.vision_embed.patch_embed[1]
@@ -106,7 +106,7 @@ def test_freezing_keeps_the_conv_stem_batchnorm_statistics_in_train_mode() -> No
 
 
 def test_freezing_a_model_without_vision_parameters_is_an_error() -> None:
-    from duomo.models.beit3_init import freeze_vision
+    from duomo.models.beit3.from_clip import freeze_vision
 
     with pytest.raises(ConfigError, match="no BEiT-3 vision parameters"):
         freeze_vision(torch.nn.Linear(2, 2))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from duomo.data.registry import TOKENIZERS, register_tokenizer
 from duomo.errors import CheckpointError, ConfigError
 from duomo.models import create_model, get_model_config
-from duomo.models import minilm as mm
+from duomo.models.clip import minilm as mm
 
 pytestmark = pytest.mark.skipif(mm.package_dir() is None, reason=f"{mm.PACKAGE} is not installed")
 

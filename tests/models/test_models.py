@@ -5,7 +5,7 @@ import torch
 
 from duomo.errors import ConfigError, UnknownModelError
 from duomo.models import CLIPConfig, create_model, get_model_config, list_models
-from duomo.models.vit import interpolate_positions
+from duomo.models.clip.vit import interpolate_positions
 
 
 def test_zoo_has_the_openclip_names():

@@ -66,11 +66,14 @@ def image_index(tmp_path_factory: pytest.TempPathFactory, pipeline: duomo.Pipeli
 @pytest.fixture(scope="session")
 def task_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(vqa_dir, caption_dir): micro BEiT-3 VQA and captioning models with fixed random weights."""
-    from duomo.tasks.caption import new_caption_model, save_caption
-    from duomo.tasks.vqa import new_vqa_model, save_vqa
+    from duomo.data.shapes import COLOURS, SHAPES
+    from duomo.io.beit3_tasks import save_task
+    from duomo.models.beit3 import BEiT3ForCaptioning, VQAModel, create_beit3
 
     base = tmp_path_factory.mktemp("task-models")
     torch.manual_seed(0)
-    vqa_dir = save_vqa(new_vqa_model("beit3-micro"), base / "micro-vqa")
-    caption_dir = save_caption(new_caption_model("beit3-micro"), base / "micro-caption")
+    answers = [*COLOURS, *SHAPES, "0", "1", "2", "yes", "no"]
+    vqa_dir = save_task(VQAModel(create_beit3("beit3-micro"), answers), base / "micro-vqa", "vqa")
+    caption = BEiT3ForCaptioning(create_beit3("beit3-micro"), 49406, 49407)
+    caption_dir = save_task(caption, base / "micro-caption", "caption")
     return vqa_dir, caption_dir

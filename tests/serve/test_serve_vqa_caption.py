@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 import duomo
 from duomo.errors import CheckpointError, InputError
+from duomo.io.beit3_tasks import load_task
 from duomo.serve import ServeSettings, create_app
-from duomo.tasks.caption import caption_image, load_caption
-from duomo.tasks.vqa import answer, load_vqa
+from duomo.tasks.beit3.caption import caption_image
+from duomo.tasks.beit3.vqa import answer
 from tests.serve.helpers import COLORS, data_url, png_bytes
 
 QUESTION = "what color is the circle?"
@@ -35,7 +36,7 @@ def error_of(r, status: int) -> dict:  # noqa: ANN001
 
 
 def test_vqa_answers_what_the_python_api_answers(tasks_client: TestClient, task_models) -> None:  # noqa: ANN001
-    model = load_vqa(task_models[0])
+    model = load_task(task_models[0], "vqa")[0]
     for color in ("red", "blue"):
         img = png_bytes(COLORS[color], 40)
         want = answer(model, img, QUESTION)
@@ -55,7 +56,7 @@ def test_vqa_answers_what_the_python_api_answers(tasks_client: TestClient, task_
 
 
 def test_caption_is_what_the_python_api_captions(tasks_client: TestClient, task_models) -> None:  # noqa: ANN001
-    model = load_caption(task_models[1])
+    model = load_task(task_models[1], "caption")[0]
     img = png_bytes(COLORS["green"], 40, "square")
     r = tasks_client.post("/caption", json={"image": data_url(img)})
     assert r.status_code == 200, r.text
@@ -185,7 +186,7 @@ def test_tasks_need_the_api_key(
 def test_a_guided_server_captions_what_guided_python_captions(
     make_client: Callable[..., TestClient], task_models: tuple[Path, Path]
 ) -> None:
-    model = load_caption(task_models[1])
+    model = load_task(task_models[1], "caption")[0]
     client = make_client(caption_model=task_models[1], caption_guide="shapes-tiny")
     img = png_bytes(COLORS["red"], 40, "circle")
     r = client.post("/caption", json={"image": data_url(img), "max_length": 4})

@@ -187,8 +187,9 @@ def test_ask_and_caption_an_image_under_the_csp(
 ) -> None:
     from playwright.sync_api import expect
 
-    from duomo.tasks.caption import caption_image, load_caption
-    from duomo.tasks.vqa import answer, load_vqa
+    from duomo.io.beit3_tasks import load_task
+    from duomo.tasks.beit3.caption import caption_image
+    from duomo.tasks.beit3.vqa import answer
 
     vqa_dir, caption_dir = task_models
     image = image_index[1] / "red_circle.png"
@@ -209,10 +210,10 @@ def test_ask_and_caption_an_image_under_the_csp(
         page.set_input_files("[data-testid=task-file]", str(image))
         page.fill("[data-testid=question]", "what color is the circle?")
         page.click("[data-testid=ask-button]")
-        text, score = answer(load_vqa(vqa_dir), image, "what color is the circle?")
+        text, score = answer(load_task(vqa_dir, "vqa")[0], image, "what color is the circle?")
         expect(result).to_have_text(f"{text} ({score:.2f})")
         page.click("[data-testid=caption-button]")
-        expect(result).to_have_text(caption_image(load_caption(caption_dir), image))
+        expect(result).to_have_text(caption_image(load_task(caption_dir, "caption")[0], image))
         save_artifact(page, tmp_path, "serve-ask-caption.png")
         context.close()
         assert not problems, problems

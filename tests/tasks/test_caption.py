@@ -8,33 +8,29 @@ import math
 import pytest
 import torch
 
+from duomo.data.spm_tokenizer import beit3_special_ids
 from duomo.errors import CheckpointError, InputError
-from duomo.models.beit3 import BEiT3, get_beit3_config
-from duomo.tasks.caption import (
-    BEiT3ForCaptioning,
-    CaptionObjective,
-    beam_search,
-    bleu,
-    caption_attention_mask,
-    caption_vocabulary,
-    cider_d,
-    decode_step,
-    encode_image,
-    greedy_decode,
-    load_caption,
-    next_logits_uncached,
-    save_caption,
-)
+from duomo.io.beit3_tasks import load_task, save_task
+from duomo.models.beit3 import BEiT3, BEiT3ForCaptioning, KVCache, caption_attention_mask, get_beit3_config
+from duomo.tasks.beit3.caption import beam_search, bleu, cider_d, greedy_decode
+from duomo.tasks.beit3.data import TaskTable, caption_vocabulary
+from duomo.train.objectives.beit3 import CaptionObjective
 
 torch.set_num_threads(1)
 
+# the default (torchscale) layout, and the paper's: shared attention with a vision-language expert on top
+LAYOUTS = {
+    "default": {},
+    "paper": {"shared_attention": True, "vl_layers": 1, "subln": False},
+}
 
-def tiny(shared: bool = False) -> BEiT3ForCaptioning:
-    """A 2-layer captioner on 32 px images; `shared` is the paper's layout with a VL expert on top."""
+
+def tiny(layout: str = "default") -> BEiT3ForCaptioning:
+    """A 2-layer captioner on 32 px images in one of the `LAYOUTS`."""
     torch.manual_seed(0)
-    layout = {"subln": not shared, "shared_attention": shared, "vl_layers": 1 if shared else 0}
-    cfg = dataclasses.replace(get_beit3_config("beit3-micro"), **layout)
-    return BEiT3ForCaptioning(BEiT3(cfg)).eval()
+    cfg = dataclasses.replace(get_beit3_config("beit3-micro"), **LAYOUTS[layout])
+    sot, eot, _ = beit3_special_ids(cfg)
+    return BEiT3ForCaptioning(BEiT3(cfg), sot, eot).eval()
 
 
 def test_attention_mask_is_unilm_uni_mask() -> None:
@@ -44,22 +40,45 @@ def test_attention_mask_is_unilm_uni_mask() -> None:
     assert torch.equal(m[2:, 2:], torch.ones(3, 3, dtype=torch.bool).tril())  # and earlier text
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_cached_decoding_equals_uncached(shared: bool) -> None:
-    model = tiny(shared)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cached_decoding_equals_uncached(layout: str) -> None:
+    model = tiny(layout)
+    cfg = model.beit3.cfg
+    assert (cfg.shared_attention, cfg.vl_layers) == ((True, 1) if layout == "paper" else (False, 0))
     images = torch.randn(2, 3, 32, 32)
     prefix = torch.tensor([[49406, 320, 1929, 2368], [49406, 2102, 530, 5936]])
-    cache = encode_image(model, images)
-    for j in range(prefix.shape[1]):
-        cached = decode_step(model, cache, prefix[:, j])
-        full = next_logits_uncached(model, images, prefix[:, : j + 1])
-        assert torch.allclose(cached, full, atol=1e-4), (j, (cached - full).abs().max())
+    cache = model.start_decoding(images)
+    assert isinstance(cache, KVCache) and len(cache.layers) == cfg.layers
+    assert (cache.image_tokens, cache.text_tokens) == (model.beit3.num_image_tokens, 0)
+    with torch.no_grad():
+        for j in range(prefix.shape[1]):
+            cached = model.next_token_logits(cache, prefix[:, j])
+            full = model.next_token_logits_uncached(images, prefix[:, : j + 1])
+            assert torch.allclose(cached, full, atol=1e-4), (j, (cached - full).abs().max())
+            assert cache.text_tokens == j + 1  # the token is kept, the [MASK] read out and dropped
     assert greedy_decode(model, images, 5) == greedy_decode(model, images, 5, use_cache=False)
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_beam_one_equals_greedy(shared: bool) -> None:
-    model = tiny(shared)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_selected_cache_decodes_as_its_rows(layout: str) -> None:
+    model = tiny(layout)
+    images = torch.randn(2, 3, 32, 32)
+    first = torch.tensor([49406, 49406])
+    with torch.no_grad():
+        cache = model.start_decoding(images)
+        model.next_token_logits(cache, first)
+        rows = torch.tensor([1, 1, 0])  # beam search repeats and reorders rows
+        picked = cache.select(rows)
+        assert (picked.image_tokens, picked.text_tokens) == (cache.image_tokens, cache.text_tokens)
+        got = model.next_token_logits(picked, torch.tensor([320, 1929, 2368]))
+        prefix = torch.tensor([[49406, 320], [49406, 1929], [49406, 2368]])
+        want = model.next_token_logits_uncached(images[rows], prefix)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_beam_one_equals_greedy(layout: str) -> None:
+    model = tiny(layout)
     images = torch.randn(3, 3, 32, 32)
     assert beam_search(model, images, beam=1, max_len=6) == greedy_decode(model, images, 6)
     wide = beam_search(model, images, beam=3, max_len=6)
@@ -94,11 +113,12 @@ def test_objective_loss_only_on_masked_tokens() -> None:
 def test_save_load_roundtrip(tmp_path) -> None:
     model = tiny()
     images = torch.randn(1, 3, 32, 32)
-    save_caption(model, tmp_path / "cap")
-    again = load_caption(tmp_path / "cap")
+    save_task(model, tmp_path / "cap", "caption")
+    again, config = load_task(tmp_path / "cap")
+    assert config["task"] == "caption" and (again.sot_id, again.eot_id) == (model.sot_id, model.eot_id)
     assert greedy_decode(again, images, 4) == greedy_decode(model, images, 4)
     with pytest.raises(CheckpointError, match="no model folder"):
-        load_caption(tmp_path / "missing")
+        load_task(tmp_path / "missing")
 
 
 VOCAB = [320, 1929, 2368, 530, 5936]  # a shortlist ("a", ...); <end_of_text> is added by the model
@@ -114,16 +134,17 @@ def test_shortlist_head_equals_the_full_head_on_its_ids_and_decodes_inside_it(tm
     out = greedy_decode(short, images, 6)
     assert all(t in short.vocab for row in out for t in row)
     prefix = torch.tensor([[49406, 320], [49406, 2368]])
-    cache = encode_image(short, images)
-    for j in range(prefix.shape[1]):  # cached == uncached with a shortlist too
-        torch.testing.assert_close(
-            decode_step(short, cache, prefix[:, j]),
-            next_logits_uncached(short, images, prefix[:, : j + 1]),
-            atol=1e-4,
-            rtol=1e-4,
-        )
-    save_caption(short, tmp_path / "cap")
-    again = load_caption(tmp_path / "cap")
+    cache = short.start_decoding(images)
+    with torch.no_grad():
+        for j in range(prefix.shape[1]):  # cached == uncached with a shortlist too
+            torch.testing.assert_close(
+                short.next_token_logits(cache, prefix[:, j]),
+                short.next_token_logits_uncached(images, prefix[:, : j + 1]),
+                atol=1e-4,
+                rtol=1e-4,
+            )
+    save_task(short, tmp_path / "cap", "caption")
+    again, _ = load_task(tmp_path / "cap", "caption")
     assert again.vocab == short.vocab and greedy_decode(again, images, 6) == out
 
 
@@ -139,7 +160,12 @@ def test_shortlist_objective_maps_targets_and_refuses_foreign_ids() -> None:
         CaptionObjective(ratio=0.99)(model, batch)
     with pytest.raises(InputError, match="must lie in"):
         model.set_vocabulary([-3])
-    assert caption_vocabulary(tokens, torch.zeros(2, 4).bool()) == [320, 530, 1929, 2368, 49407]
+    table = TaskTable(
+        torch.zeros(1, 3, 32, 32),
+        torch.zeros(2, dtype=torch.long),
+        {"tokens": tokens, "padding_mask": torch.zeros(2, 4).bool()},
+    )
+    assert caption_vocabulary(table, model.sot_id) == [320, 530, 1929, 2368, 49407]
 
 
 def test_bleu_hand_made() -> None:
@@ -164,7 +190,7 @@ def test_cider_d_hand_made() -> None:
 
 
 def test_captions_lose_the_tokenizers_space_before_punctuation() -> None:
-    from duomo.tasks.caption import tidy_caption
+    from duomo.tasks.beit3.caption import tidy_caption
 
     assert tidy_caption("two shapes : a red star , a blue heart .") == "two shapes: a red star, a blue heart."
     assert tidy_caption("green square .") == "green square."

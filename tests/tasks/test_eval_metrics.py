@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from duomo.tasks.evaluate import classification_metrics, mean_per_class_recall, topk_accuracy
-from duomo.tasks.probe import few_shot_indices, stratified_split
-from duomo.tasks.retrieval import image_to_text_ranks, retrieval_metrics, text_to_image_ranks
+from duomo.tasks.clip.evaluate import classification_metrics, mean_per_class_recall, topk_accuracy
+from duomo.tasks.clip.probe import few_shot_indices, stratified_split
+from duomo.tasks.metrics import image_to_text_ranks, retrieval_metrics, text_to_image_ranks
 
 SCORES = torch.tensor(
     [

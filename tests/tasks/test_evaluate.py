@@ -8,8 +8,8 @@ from PIL import Image
 
 import duomo
 from duomo.errors import InputError
-from duomo.tasks.evaluate import evaluate, extract_features, open_eval_data, write_records
-from duomo.tasks.probe import linear_probe
+from duomo.tasks.clip.evaluate import evaluate, extract_features, open_eval_data, write_records
+from duomo.tasks.clip.probe import linear_probe
 
 RECORD_KEYS = {"dataset", "split", "model", "task", "metrics", "n"}
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import duomo
+from duomo.api.finetuned import load_finetuned
 from duomo.data.pairs import ImageFolderDataset
 from duomo.data.shapes import ShapesDataset, render_scene
 from duomo.errors import InputError
 from duomo.nn.lora import LoRALinear
-from duomo.tasks.evaluate import evaluate
-from duomo.tasks.finetune import FinetuneConfig, finetune, load_finetuned, open_labelled, save_finetuned
+from duomo.tasks.clip.evaluate import evaluate
+from duomo.tasks.clip.finetune import FinetuneConfig, finetune, open_labelled, save_finetuned
 
 CLASSES = ("red circle", "blue square", "green triangle", "yellow star")
 PER_CLASS = 20

@@ -1,6 +1,9 @@
-"""VQA on shapes: answer vocabulary, a tiny fine-tune beating the majority answer, save/load, CLI."""
+"""VQA: losses, a tiny fine-tune through the one trainer beating the majority answer, save/load, users'
+own VQA manifests end to end, the Python API and the CLI."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -8,92 +11,91 @@ import torch
 from duomo.cli import main
 from duomo.data.shapes import ShapesDataset
 from duomo.errors import CheckpointError, InputError
-from duomo.models.beit3 import BEiT3, get_beit3_config
-from duomo.tasks.caption import BEiT3ForCaptioning, save_caption
-from duomo.tasks.vqa import (
-    ShapesVQA,
-    VQAModel,
-    VQAObjective,
-    answer,
-    best_answer,
-    evaluate_vqa,
-    finetune_vqa,
-    load_vqa,
-    question_type,
-    save_vqa,
-    shapes_answers,
-)
+from duomo.io.beit3_tasks import load_task, save_task
+from duomo.models.beit3 import BEiT3, BEiT3ForCaptioning, VQAModel, get_beit3_config
+from duomo.tasks.beit3.data import vqa_source, vqa_table
+from duomo.tasks.beit3.train import beit3_train_config, fit_task
+from duomo.tasks.beit3.vqa import answer, best_answer, evaluate_vqa, question_type
+from duomo.train.objectives.beit3 import VQAObjective
 
 torch.set_num_threads(1)
 CFG = get_beit3_config("beit3-micro")
 
 
-def tiny() -> VQAModel:
-    """A 2-layer VQA model over the shapes answers."""
+def table(size: int = 4, answers: list[str] | None = None):  # noqa: ANN201
+    return vqa_table(vqa_source("shapes", CFG, size), CFG, answers)
+
+
+def tiny(answers: list[str]) -> VQAModel:
+    """A 2-layer VQA model."""
     torch.manual_seed(0)
-    return VQAModel(BEiT3(CFG), shapes_answers())
+    return VQAModel(BEiT3(CFG), answers)
 
 
-def test_answer_vocabulary_covers_every_split() -> None:
-    answers = set(shapes_answers())
-    assert len(answers) == len(shapes_answers())
-    for split in ("train", "val", "heldout"):
-        ds = ShapesDataset(split, size=40, max_objects=5, image_size=16)
-        for i in range(len(ds)):
-            for q, a in ds.scene(i).metadata["qa"]:
-                assert a in answers, (q, a)
-                assert question_type(q) in {"colour", "shape", "count", "position", "size", "exists"}
+def test_question_kinds_cover_the_shapes_questions() -> None:
+    ds = ShapesDataset("train", size=40, max_objects=5, image_size=16)
+    for i in range(len(ds)):
+        for q, _ in ds.scene(i).metadata["qa"]:
+            assert question_type(q) in {"colour", "shape", "count", "position", "size", "exists"}
 
 
 def test_loss_is_unilm_bce_times_answers() -> None:
-    model = tiny()
-    data = ShapesVQA("train", 4, CFG, model.answers, max_objects=1)
+    data = table()
+    model = tiny(data.extra["answers"])
     batch = data.batch(torch.arange(6))
     out = VQAObjective()(model, batch)
     logits = model(batch["pixels"], batch["tokens"], batch["padding_mask"])
-    scores = torch.nn.functional.one_hot(batch["target"], len(model.answers)).float()
-    want = torch.nn.functional.binary_cross_entropy_with_logits(logits, scores) * len(model.answers)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["scores"]) * logits.shape[-1]
     assert float(out["loss"].detach()) == pytest.approx(float(want.detach()), rel=1e-5)
 
 
 def test_ce_loss_is_softmax_cross_entropy_and_unknown_losses_are_refused() -> None:
-    model = tiny()
-    batch = ShapesVQA("train", 4, CFG, model.answers, max_objects=1).batch(torch.arange(6))
+    data = table()
+    model = tiny(data.extra["answers"])
+    batch = data.batch(torch.arange(6))
     out = VQAObjective("ce")(model, batch)
     logits = model(batch["pixels"], batch["tokens"], batch["padding_mask"])
-    want = torch.nn.functional.cross_entropy(logits, batch["target"])
+    want = torch.nn.functional.cross_entropy(logits, batch["scores"].argmax(-1))
     assert float(out["loss"].detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     with pytest.raises(InputError, match="unknown VQA loss"):
         VQAObjective("mse")
 
 
-def test_tiny_finetune_beats_majority_answer() -> None:
-    model = tiny()
-    data = ShapesVQA("train", 60, CFG, model.answers, max_objects=1)
+@pytest.mark.slow
+def test_tiny_finetune_beats_majority_answer(tmp_path) -> None:
+    data = table(60)
+    model = tiny(data.extra["answers"])
     # from scratch the model first collapses to the majority answer, then learns question priors (~300 steps)
-    finetune_vqa(model, data, steps=300, batch_size=16, lr=2e-3)
-    result = evaluate_vqa(model, data)
-    assert result["accuracy"] > result["majority_baseline"] + 0.05, result
+    cfg = beit3_train_config(
+        out=str(tmp_path / "vqa"), steps=300, batch_size=16, lr=2e-3, save_every=300, quiet=True, plot=False
+    )
+    result = fit_task(model, VQAObjective("bce"), data, cfg, "vqa")
+    scores = evaluate_vqa(model, data)
+    assert scores["accuracy"] > scores["majority_baseline"] + 0.05, scores
+    again, config = load_task(result["model"], "vqa")
+    assert again.answers == model.answers and config["task"] == "vqa"
 
 
 def test_save_load_answer(tmp_path) -> None:
-    model = tiny().eval()
-    save_vqa(model, tmp_path / "vqa")
-    again = load_vqa(tmp_path / "vqa")
+    data = table()
+    model = tiny(data.extra["answers"]).eval()
+    save_task(model, tmp_path / "vqa", "vqa")
+    again, _ = load_task(tmp_path / "vqa", "vqa")
     assert again.answers == model.answers
     image = ShapesDataset("val", 2, image_size=32)[0]["image"]
     a1, p1 = answer(model, image, "what color is the star?")
     a2, p2 = answer(again, image, "what color is the star?")
     assert a1 == a2 and a1 in model.answers and p1 == pytest.approx(p2) and 0.0 <= p1 <= 1.0
+    with pytest.raises(InputError, match="question is empty"):
+        answer(model, image, "  ")
 
 
-def test_a_ce_trained_model_reports_softmax_probabilities_and_keeps_its_loss(tmp_path) -> None:
-    model = tiny()
-    data = ShapesVQA("train", 4, CFG, model.answers, max_objects=1)
-    finetune_vqa(model, data, steps=1, batch_size=4, loss="ce")
-    assert model.loss == "ce"
-    save_vqa(model, tmp_path / "vqa")
-    again = load_vqa(tmp_path / "vqa")
+def test_a_ce_model_reports_softmax_probabilities_and_keeps_its_loss(tmp_path) -> None:
+    data = table()
+    model = tiny(data.extra["answers"])
+    model.loss = "ce"
+    save_task(model, tmp_path / "vqa", "vqa")
+    again, _ = load_task(tmp_path / "vqa", "vqa")
     assert again.loss == "ce"
     b = data.batch(torch.arange(1))
     label, p = best_answer(again, b["pixels"], b["tokens"], b["padding_mask"])
@@ -101,34 +103,89 @@ def test_a_ce_trained_model_reports_softmax_probabilities_and_keeps_its_loss(tmp
         logits = again(b["pixels"], b["tokens"], b["padding_mask"])[0]
     assert label == again.answers[int(logits.argmax())]
     assert p == pytest.approx(float(torch.softmax(logits, -1).max()), rel=1e-5)
-    with pytest.raises(InputError, match="unknown VQA loss"):
-        finetune_vqa(model, data, steps=1, loss="hinge")
 
 
 def test_load_errors(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no model folder"):
-        load_vqa(tmp_path / "nothing")
+        load_task(tmp_path / "nothing", "vqa")
     torch.manual_seed(0)
-    save_caption(BEiT3ForCaptioning(BEiT3(CFG)), tmp_path / "cap")
+    save_task(BEiT3ForCaptioning(BEiT3(CFG), 49406, 49407), tmp_path / "cap", "caption")
     with pytest.raises(CheckpointError, match="not a 'vqa' model"):
-        load_vqa(tmp_path / "cap")
+        load_task(tmp_path / "cap", "vqa")
+
+
+def write_manifest(root, n_images: int = 12) -> str:  # noqa: ANN001
+    """A VQA manifest a user might write: one question per line, soft answers, a corrupt image, a bad row."""
+    root.mkdir(parents=True, exist_ok=True)
+    ds = ShapesDataset("train", n_images, image_size=32, max_objects=1)
+    rows = []
+    for i in range(n_images):
+        ds[i]["image"].save(root / f"{i}.png")
+        main = ds.scene(i).main
+        rows.append({"image": f"{i}.png", "question": "what color is it?", "answer": main.colour})
+        rows.append(
+            {"image": f"{i}.png", "question": "what shape is it?", "answers": [main.shape] * 3 + ["blob"]}
+        )
+    (root / "broken.png").write_bytes(b"not a png")
+    rows.append({"image": "broken.png", "question": "what color is it?", "answer": "red"})
+    rows.append({"image": "0.png", "question": "", "answer": "red"})  # empty question: skipped, counted
+    path = root / "my_vqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_cli_trains_on_a_users_vqa_manifest_and_ask_answers_with_it(tmp_path, capsys) -> None:
+    manifest = write_manifest(tmp_path / "data")
+    out = tmp_path / "vqa"
+    args = [
+        "beit3-train",
+        "vqa",
+        "--data",
+        manifest,
+        "--config",
+        "beit3-micro",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        "--eval-data",
+        f"train={manifest}",
+    ]
+    assert main(args) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["split"] == "train" and 0 <= record["accuracy"] <= 1
+    model, config = load_task(out, "vqa")
+    assert "blob" in model.answers and "red" in model.answers  # the vocabulary comes from the data
+    assert config["data"] == manifest
+    assert (out / "metrics.jsonl").is_file() and (out / "checkpoints").is_dir()
+    assert main(args) == 1  # a non-empty --out is refused before any work
+    assert "not empty" in capsys.readouterr().err
+    assert main(["ask", str(tmp_path / "data" / "3.png"), "what color is it?", "--model", str(out)]) == 0
+    text, prob = capsys.readouterr().out.strip().split("\t")
+    assert text in model.answers and 0 <= float(prob) <= 1
+
+    import duomo
+
+    pipe = duomo.load(out)
+    assert pipe.task == "vqa"
+    got = pipe.ask(str(tmp_path / "data" / "3.png"), ["what color is it?", "what shape is it?"])
+    assert len(got) == 2 and got[0][0] == text
 
 
 def test_cli_ask_and_caption(tmp_path, capsys) -> None:
-    from duomo.cli import app
-    from duomo.cli.beit3 import register
-
-    if "ask" not in {c.name for c in app.registered_commands}:  # until duomo.cli lists duomo.cli.beit3
-        register(app)
-    save_vqa(tiny(), tmp_path / "vqa")
+    data = table()
+    save_task(tiny(data.extra["answers"]), tmp_path / "vqa", "vqa")
     torch.manual_seed(0)
-    save_caption(BEiT3ForCaptioning(BEiT3(CFG)), tmp_path / "cap")
+    save_task(BEiT3ForCaptioning(BEiT3(CFG), 49406, 49407), tmp_path / "cap", "caption")
     image = tmp_path / "img.png"
     ShapesDataset("val", 1, image_size=32)[0]["image"].save(image)
 
     assert main(["ask", str(image), "what shape is on the left?", "--model", str(tmp_path / "vqa")]) == 0
     text, prob = capsys.readouterr().out.strip().split("\t")
-    assert text in shapes_answers() and 0 <= float(prob) <= 1
+    assert text in data.extra["answers"] and 0 <= float(prob) <= 1
     assert (
         main(["caption", str(image), "--model", str(tmp_path / "cap"), "--beam", "2", "--max-len", "3"]) == 0
     )

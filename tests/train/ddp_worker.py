@@ -19,7 +19,7 @@ from train_helpers import ColourSquares, WordTokenizer, identity_transform, make
 from duomo.train.data import PairCollate, PreparedPairs  # noqa: E402
 from duomo.train.distributed import cleanup, init_distributed, unwrap, wrap_ddp  # noqa: E402
 from duomo.train.losses import ClipLoss, SigLipLoss  # noqa: E402
-from duomo.train.trainer import ContrastiveObjective  # noqa: E402
+from duomo.train.objectives.clip import ContrastiveObjective  # noqa: E402
 
 SETUPS = {
     "clip_global": (ClipLoss, False, 0),

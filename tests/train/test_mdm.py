@@ -2,32 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
 
-from duomo.models.beit3 import BEiT3, get_beit3_config
-from duomo.train.mdm import (
-    BEiT3ForMDM,
-    MDMConfig,
-    MDMObjective,
-    block_mask,
-    mask_text,
-    patch_targets,
-    shapes_mdm_batches,
-    train_steps,
-)
+from duomo.data.spm_tokenizer import beit3_special_ids
+from duomo.io.beit3_tasks import load_task
+from duomo.models.beit3 import BEiT3, BEiT3ForMDM, get_beit3_config
+from duomo.tasks.beit3.data import caption_source
+from duomo.tasks.beit3.pretrain import KINDS, mdm_loader_factory, mdm_objective, pretraining_data
+from duomo.tasks.beit3.train import beit3_train_config, fit_task
+from duomo.train.objectives.beit3 import MDMConfig, MDMObjective, block_mask, mask_text, patch_targets
 
 torch.set_num_threads(1)
-SOT, EOT = 49406, 49407
+CFG = get_beit3_config("beit3-micro")
+SOT, EOT, _ = beit3_special_ids(CFG)
 
 
 def tiny() -> BEiT3ForMDM:
     """A 2-layer model on 32 px images (a 4 x 4 patch grid)."""
     torch.manual_seed(0)
-    cfg = get_beit3_config("beit3-micro")
-    return BEiT3ForMDM(BEiT3(cfg))
+    return BEiT3ForMDM(BEiT3(CFG))
 
 
 def test_text_masking_ratio_skips_padding_and_specials() -> None:
@@ -100,18 +97,68 @@ def test_no_image_masking_keeps_pairs_whole_and_the_loss_finite() -> None:
     assert float(out["mim"]) == 0.0 and torch.isfinite(out["loss"]) and float(out["mlm"]) > 0
 
 
-def test_text_only_uses_monomodal_ratio_and_training_lowers_loss() -> None:
+def test_a_batch_seed_fixes_the_masks() -> None:
+    model = tiny()
+    ids = torch.tensor([[SOT, *range(100, 110), EOT]] * 4)
+    batch = {"pixels": torch.randn(4, 3, 32, 32), "tokens": ids, "padding_mask": ids == -1}
+    seeded = {**batch, "seed": torch.tensor(123)}
+    a = MDMObjective(MDMConfig(special_ids=(SOT, EOT)), seed=0)
+    b = MDMObjective(MDMConfig(special_ids=(SOT, EOT)), seed=7)
+    a.mask_batch(model, batch)  # the objective's own generator moves on; a seeded batch ignores it
+    m1, m2 = a.mask_batch(model, seeded), b.mask_batch(model, seeded)
+    assert torch.equal(m1["text_mask"], m2["text_mask"]) and torch.equal(m1["vision_mask"], m2["vision_mask"])
+    other = a.mask_batch(model, {**batch, "seed": torch.tensor(124)})
+    assert not torch.equal(other["text_mask"], m1["text_mask"])
+
+
+def pretraining_loaders(size: int, batch_size: int, seed: int = 0):  # noqa: ANN201
+    """The shapes train split's MDM loader factory: image, text and pair batches in turn."""
+    source = caption_source("shapes", CFG, size, seed)
+    table, ids, pad, kinds = pretraining_data(source, CFG, batch_size, seed, freeze_vision=False)
+    assert kinds == KINDS == ("image", "text", "pair")
+    return mdm_loader_factory(table, ids, pad, batch_size, kinds, seed)
+
+
+def test_text_only_uses_monomodal_ratio() -> None:
     model = tiny()
     objective = MDMObjective(MDMConfig(special_ids=(SOT, EOT)), seed=0)
-    batches = shapes_mdm_batches(model.beit3, size=32, batch_size=8, seed=0)
-    kinds = [tuple(sorted(next(batches))) for _ in range(3)]
-    assert kinds == [("pixels",), ("padding_mask", "tokens"), ("padding_mask", "pixels", "tokens")]
-    text = next(batches)  # the cycle restarts with images; the next is text
-    text = next(batches)
+    make = pretraining_loaders(size=32, batch_size=8)
+    batches = list(make(0, 0)) + list(make(1, 0))  # 4 batches an epoch; the kinds cycle across epochs
+    kinds = [tuple(sorted(b)) for b in batches[:4]]
+    assert kinds == [
+        ("pixels", "seed"),
+        ("padding_mask", "seed", "tokens"),
+        ("padding_mask", "pixels", "seed", "tokens"),
+        ("pixels", "seed"),  # the cycle restarts with images; the next is text
+    ]
+    assert tuple(sorted(batches[4])) == ("padding_mask", "seed", "tokens")
+    assert [int(b["seed"]) for b in make(0, 2)] == [int(b["seed"]) for b in batches[2:4]]  # resumable
+    text = batches[4]
     m = objective.mask_batch(model, text)
     maskable = (~text["padding_mask"]).sum(1) - 2
     assert (m["text_mask"].sum(1) == (maskable.float() * 0.15).round().clamp(min=1)).all()
-    records = train_steps(model, objective, shapes_mdm_batches(model.beit3, 32, 8), 30, lr=3e-3)
+
+
+def test_pretraining_lowers_the_loss(tmp_path) -> None:
+    model = tiny()
+    cfg = beit3_train_config(
+        out=str(tmp_path / "mdm"),
+        steps=30,
+        batch_size=8,
+        lr=3e-3,
+        warmup=0,
+        log_every=1,
+        save_every=30,
+        quiet=True,
+        plot=False,
+    )
+    result = fit_task(
+        model, mdm_objective(CFG, freeze_vision=False), lambda info: pretraining_loaders(32, 8), cfg, "mdm"
+    )
+    records = [json.loads(line) for line in (tmp_path / "mdm" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 30
     first = sum(r["loss"] for r in records[:6]) / 6
     last = sum(r["loss"] for r in records[-6:]) / 6
     assert last < first
+    again, config = load_task(result["model"], "mdm")
+    assert isinstance(again, BEiT3ForMDM) and config["task"] == "mdm"

@@ -11,7 +11,8 @@ from train_helpers import ColourSquares, make_trainer, tiny_model
 from duomo.errors import CheckpointError, ConfigError
 from duomo.train import checkpoint as ckpt
 from duomo.train.losses import ClipLoss
-from duomo.train.trainer import ContrastiveObjective, Trainer
+from duomo.train.objectives.clip import ContrastiveObjective
+from duomo.train.trainer import Trainer
 
 
 def _first_batches(trainer: Trainer, n: int) -> list[dict]:

@@ -13,7 +13,8 @@ from duomo.train.config import TrainConfig
 from duomo.train.data import pair_loader_factory
 from duomo.train.distributed import DistInfo
 from duomo.train.losses import build_loss
-from duomo.train.trainer import ContrastiveObjective, Trainer
+from duomo.train.objectives.clip import ContrastiveObjective
+from duomo.train.trainer import Trainer
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -1,0 +1,85 @@
+"""Which checkpoint a model name means: the shipped weights, named configs, paths and hub ids.
+
+`read_model(name)` gives the built model and its metadata; `duomo.load` wraps it in a `Pipeline`, and task
+code that needs a CLIP as a part (a BEiT-3 vision pathway, a caption guide) calls it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from duomo.errors import InputError, UnknownModelError
+from duomo.io.checkpoint import load_into, resolve_hub
+from duomo.io.convert import read_with_meta
+from duomo.models import create_model, list_models
+from duomo.models.factory import model_architecture
+
+log = logging.getLogger("duomo")
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+
+
+def list_pretrained() -> list[str]:
+    """Names of the duomo-trained checkpoints shipped inside the package."""
+    if not WEIGHTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def default_model_name() -> str:
+    """The embedded model used when none is named: the first shipped checkpoint, else a random tiny config."""
+    shipped = list_pretrained()
+    return "shapes-tiny" if "shapes-tiny" in shipped else (shipped[0] if shipped else "ViT-tiny")
+
+
+def read_model(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    quick_gelu: bool | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """(model on the CPU in fp32, metadata) of a shipped checkpoint name, a config name (random weights
+    unless `weights`), a local path in any supported format, or a hub id."""
+    meta: dict = {}
+    if name in list_pretrained():
+        config, state, meta = read_with_meta(WEIGHTS_DIR / name)
+    elif name in list_models() or name.endswith(".json"):
+        config = None
+        if model_architecture(name) == "beit3":
+            raise InputError(
+                f"{name} is a BEiT-3 config; duomo.load builds CLIP pipelines and loads BEiT-3 task folders. "
+                "Build a BEiT-3 with duomo.models.beit3.create_beit3, train its tasks with `duomo beit3-train`"
+            )
+        model = create_model(name)
+        if weights is None:
+            log.warning("model %s has random weights: pass weights=PATH to load a checkpoint", name)
+            state = None
+        else:
+            config, state, meta = read_with_meta(weights, config=model.config, quick_gelu=quick_gelu)
+    elif Path(name).exists():
+        config, state, meta = read_with_meta(name, quick_gelu=quick_gelu)
+    elif "/" in name and not name.startswith((".", "/")):
+        config, state, meta = read_with_meta(resolve_hub(name), quick_gelu=quick_gelu)
+    else:
+        known = ", ".join(list_pretrained() + list_models())
+        raise UnknownModelError(
+            f"unknown model {name!r}: not a model name, an existing path, or a hub id. Known names: {known}"
+        )
+    if config is not None:
+        model = create_model(config)
+    if state is not None:
+        load_into(model, state)
+    return model, meta
+
+
+def provenance(name: str) -> str:
+    """How a model name is recorded in a config that refers to it: a shipped model by its name, a folder
+    by its absolute path (so the record stays valid from another working directory)."""
+    folder = Path(name).expanduser()
+    if name in list_pretrained() or not folder.exists():
+        return name
+    return str(folder.resolve())

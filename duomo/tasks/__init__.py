@@ -1,0 +1,1 @@
+"""Tasks per model family (clip/, beit3/) and what they share (metrics)."""

@@ -1,0 +1,1 @@
+"""BEiT-3 tasks: data tables, training runs, VQA, captioning (decoding, guidance, metrics), retrieval, classification."""

@@ -1,0 +1,1 @@
+"""CLIP tasks: zero-shot, evaluation, probes, fine-tuning, embedding files, parity references."""

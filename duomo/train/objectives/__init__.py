@@ -1,0 +1,1 @@
+"""Training objectives per model family, all run by `duomo.train.trainer.Trainer`."""
