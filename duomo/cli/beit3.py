@@ -136,6 +136,7 @@ def train_command(
 
     from duomo.cli.paths import check_out_dir
     from duomo.tasks.beit3.run import BEiT3Run, train_beit3
+    from duomo.train.distributed import env_world
 
     if threads:
         torch.set_num_threads(threads)
@@ -170,7 +171,8 @@ def train_command(
         },
     )
     run.check()
-    check_out_dir(out, overwrite or resume is not None)
+    if env_world()[0] == 0:  # rank 0 only: under torchrun the others would see rank 0's first files
+        check_out_dir(out, overwrite or resume is not None)
     for record in train_beit3(run, log=console.print):
         typer.echo(json.dumps(record))
 

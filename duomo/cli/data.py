@@ -31,8 +31,20 @@ def export_command(
     caption_style: Annotated[str, typer.Option(help="shapes: 'mixed' or one caption style")] = "mixed",
     coloured: Annotated[bool, typer.Option(help="digits: random pale paper and dark ink colours")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it holds a previous export")] = False,
+    task: Annotated[
+        str, typer.Option(help="pairs (image-caption), or vqa: a JSONL manifest with each image's questions")
+    ] = "pairs",
 ) -> None:
-    """Write a built-in dataset as a caption folder, a csv/tsv/jsonl manifest, or WebDataset shards."""
+    """Write a built-in dataset as a caption folder, a csv/tsv/jsonl manifest, or WebDataset shards; with
+    --task vqa, as the VQA manifest `duomo beit3-train vqa --data` reads."""
+    if task not in ("pairs", "vqa"):
+        raise InputError(f"unknown --task {task!r}; choose pairs or vqa")
+    if task == "vqa":
+        if name != "shapes":
+            raise InputError("--task vqa needs questions: only the shapes world has them")
+        if format not in ("folder", "jsonl"):
+            raise InputError(f"--task vqa writes a JSONL manifest, not {format!r}; drop --format")
+        format = "jsonl"  # noqa: A001
     if name == "shapes":
         options: dict = {"max_objects": max_objects, "caption_style": caption_style}
     elif name == "digits":
@@ -45,6 +57,7 @@ def export_command(
         "split": getattr(dataset, "split", split),
         "seed": seed,
         "image_size": image_size,
+        "task": task,
     }
     result = export_dataset(
         dataset, out, format, shard_size=shard_size, overwrite=overwrite, image_format=image_format, meta=meta

@@ -18,6 +18,8 @@ def check_out_dir(out: Path, keep: bool) -> None:
             f"{out} exists and is not empty; pass --overwrite or --resume latest, or choose another folder"
         )
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise InputError(f"cannot write to {out}: {parent} is a file, not a folder; choose another --out")
     if not os.access(parent, os.W_OK):
         raise InputError(f"cannot write to {parent}: permission denied; choose another --out")
     try:

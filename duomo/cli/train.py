@@ -49,14 +49,19 @@ def train(
     seed: int = typer.Option(None, "--seed"),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: the local GPU if any)."),
     quiet: bool = typer.Option(None, "--quiet/--progress", "-q", help="No progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Train into an existing non-empty --out."),
 ) -> None:
     """Train (or fine-tune) a CLIP/SigLIP model on image-text pairs; flags override --config."""
-    flags = {k: v for k, v in locals().items() if k != "config"}
+    flags = {k: v for k, v in locals().items() if k not in ("config", "overwrite")}
+    from duomo.cli.paths import check_out_dir
     from duomo.train.config import TrainConfig
+    from duomo.train.distributed import env_world
     from duomo.train.run import train as run_training
 
     cfg = TrainConfig.from_json(config) if config is not None else TrainConfig()
     cfg = cfg.replace(**flags)
+    if env_world()[0] == 0:  # rank 0 only: under torchrun the others would see rank 0's first files
+        check_out_dir(Path(cfg.out), overwrite or cfg.resume is not None)
     if not cfg.quiet:
         logging.getLogger("duomo.train").setLevel(logging.INFO)
     result = run_training(cfg)

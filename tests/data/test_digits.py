@@ -17,10 +17,15 @@ from duomo.data.digits import (
 )
 from duomo.errors import InputError
 
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 
-def test_splits_partition_the_scans_80_20_per_digit() -> None:
+@pytest.fixture(scope="module", name="sklearn_datasets")
+def sklearn_datasets_module():
+    """`sklearn.datasets`, where DigitsDataset reads the scans from; skips the test without scikit-learn."""
+    return pytest.importorskip("sklearn.datasets")
+
+
+def test_splits_partition_the_scans_80_20_per_digit(sklearn_datasets) -> None:
     labels = sklearn_datasets.load_digits().target
     train, test = split_indices("train", 0), split_indices("test", 0)
     assert len(train) + len(test) == len(labels) == 1797
@@ -35,7 +40,7 @@ def test_splits_partition_the_scans_80_20_per_digit() -> None:
     assert len(DigitsDataset("train")) == len(train) and len(DigitsDataset("test")) == len(test)
 
 
-def test_samples_are_rgb_with_real_labels() -> None:
+def test_samples_are_rgb_with_real_labels(sklearn_datasets) -> None:
     labels = sklearn_datasets.load_digits().target
     ds = DigitsDataset("train", image_size=48)
     assert (
@@ -54,6 +59,7 @@ def test_samples_are_rgb_with_real_labels() -> None:
         ds[len(ds)]
 
 
+@pytest.mark.usefixtures("sklearn_datasets")  # DigitsDataset loads the scans
 def test_images_are_dark_ink_on_light_paper_and_smooth() -> None:
     img = np.asarray(DigitsDataset("train")[0]["image"], dtype=np.int32)
     assert (img[0, 0] == 255).all() and img.min() < 60  # white margin, dark ink
@@ -65,6 +71,7 @@ def test_images_are_dark_ink_on_light_paper_and_smooth() -> None:
     assert len(corners) == 5 and all(min(c) >= 170 for c in corners)
 
 
+@pytest.mark.usefixtures("sklearn_datasets")  # DigitsDataset loads the scans
 def test_train_and_eval_templates_are_disjoint() -> None:
     def frame(template: str) -> str:
         return re.sub(r"\{(digit)?\}", "X", template).strip(" .").lower()
@@ -81,6 +88,7 @@ def test_train_and_eval_templates_are_disjoint() -> None:
     assert len({frame(t) for t in TRAIN_TEMPLATES}) == len(TRAIN_TEMPLATES)
 
 
+@pytest.mark.usefixtures("sklearn_datasets")  # DigitsDataset loads the scans
 def test_captions_name_the_digit_and_come_from_the_split_templates() -> None:
     for split, templates in (("train", TRAIN_TEMPLATES), ("test", EVAL_TEMPLATES)):
         ds = DigitsDataset(split)
@@ -94,6 +102,7 @@ def test_captions_name_the_digit_and_come_from_the_split_templates() -> None:
         assert len(used) > 20
 
 
+@pytest.mark.usefixtures("sklearn_datasets")  # DigitsDataset loads the scans
 def test_deterministic_and_custom_templates() -> None:
     a, b = DigitsDataset("train", seed=3), DigitsDataset("train", seed=3)
     assert a[5]["text"] == b[5]["text"] and a[5]["image"].tobytes() == b[5]["image"].tobytes()

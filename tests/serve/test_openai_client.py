@@ -11,10 +11,9 @@ import duomo
 from duomo.serve import ServeSettings, create_app
 from tests.serve.helpers import COLORS, data_url, live_server, png_bytes
 
-openai = pytest.importorskip("openai")
-
 
 def test_openai_client_embeddings_end_to_end(pipeline: duomo.Pipeline) -> None:
+    openai = pytest.importorskip("openai")
     app = create_app(ServeSettings(use_index=False, api_keys=["sk-test"], max_wait_ms=20), pipeline=pipeline)
     with live_server(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0, timeout=30)

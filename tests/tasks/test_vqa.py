@@ -199,3 +199,15 @@ def test_cli_ask_and_caption(tmp_path, capsys) -> None:
     assert "not a 'caption' model" in capsys.readouterr().err
     assert main(["ask", str(image), "q?", "--model", str(tmp_path / "none")]) == 1
     assert "no model folder" in capsys.readouterr().err
+
+
+def test_the_exported_shapes_manifest_gives_the_built_in_table(tmp_path) -> None:
+    out = tmp_path / "vqa"
+    args = ["data", "export", "shapes", str(out), "--task", "vqa", "--size", "6", "--max-objects", "2"]
+    assert main([*args, "--image-size", str(CFG.image_size)]) == 0
+    built_in, exported = table(6), vqa_table(vqa_source(str(out), CFG), CFG)
+    assert exported.extra["answers"] == built_in.extra["answers"] and exported.texts == built_in.texts
+    torch.testing.assert_close(exported.pixels, built_in.pixels, rtol=0, atol=0)
+    for key, value in built_in.columns.items():
+        assert torch.equal(exported.columns[key], value), key
+    assert torch.equal(exported.image_index, built_in.image_index)

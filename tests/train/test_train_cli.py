@@ -122,3 +122,22 @@ def test_errors_are_one_line(tmp_path, capsys, args: list[str], message: str) ->
     code = main([*BASE, "--steps", "1", "--out", str(tmp_path), *args])
     err = capsys.readouterr().err
     assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_a_non_empty_out_is_refused_before_any_work(tmp_path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main([*BASE, "--data", "shapes", "--steps", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written, nothing lost
+    assert main([*BASE, "--data", "shapes", "--steps", "1", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model").is_dir()
+
+
+def test_an_out_under_a_file_is_one_line(tmp_path, capsys) -> None:  # noqa: ANN001
+    (tmp_path / "file").write_text("x")
+    assert main([*BASE, "--data", "shapes", "--steps", "1", "--out", str(tmp_path / "file" / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from duomo.data.catalog import open_pairs
+from duomo.data.catalog import open_pairs, read_export_meta
 from duomo.data.pairs import MANIFEST_FORMATS, ImageFolderDataset, ManifestPairs
 from duomo.data.shapes import COLOURS, SHAPES, ShapesDataset, class_names
 from duomo.data.spm_tokenizer import beit3_tokenizer
@@ -139,6 +139,12 @@ def vqa_source(spec: str, cfg: BEiT3Config, size: int = 2000, seed: int = 0) -> 
     name, _, split = spec.partition(":")
     if name == "shapes":
         return ShapesQuestions(split or "train", size, cfg.image_size, seed)
+    folder = Path(spec).expanduser()
+    if folder.is_dir():  # a `duomo data export --task vqa` folder: its manifest
+        meta = read_export_meta(folder)
+        if meta is None or not meta.get("files"):
+            raise InputError(f"{spec!r} is a folder; give a VQA manifest file or a `duomo data export` folder")
+        return VQAData.from_manifest(folder / meta["files"][0])
     return VQAData.from_manifest(spec)
 
 
