@@ -29,10 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_json  # noqa: E402
 
-from duomo.models.beit3 import BEiT3  # noqa: E402
-from duomo.models.beit3.from_clip import freeze_vision, start_backbone  # noqa: E402
-from duomo.tasks.beit3 import caption, vqa  # noqa: E402
-from duomo.train import mdm  # noqa: E402
+from duomo.tasks.beit3.run import BEiT3Run, train_beit3  # noqa: E402
 
 
 @dataclass
@@ -51,74 +48,73 @@ ARMS = (
 )
 
 
+def _train(args: argparse.Namespace, steps: int) -> dict:
+    """The trainer fields every run of the bench shares."""
+    return {
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "log_every": args.log_every,
+        "save_every": steps,
+        "quiet": True,
+        "plot": False,
+        "workers": 0,
+    }
+
+
 def pretrain(arm: Arm, args: argparse.Namespace) -> float:
     """Run the arm's masked data modelling (if it has any) into its folder; the seconds it took."""
     if not arm.pretrain:
         return 0.0
     began = time.perf_counter()
-    model, records = mdm.pretrain_shapes(
-        args.config,
-        args.pretrain_steps,
-        args.batch_size,
-        args.lr,
-        args.size,
-        args.seed,
-        args.log_every,
-        args.vision_init if arm.vision_init else None,
+    run = BEiT3Run(
+        "pretrain",
+        Path(args.tmp) / arm.name,
+        config=args.config,
+        size=args.size,
+        vision_init=args.vision_init if arm.vision_init else None,
         freeze_vision=arm.freeze,  # frozen CLIP tower: MLM on texts and pairs only (VLMo's second stage)
+        train=_train(args, args.pretrain_steps),
     )
+    list(train_beit3(run, log=lambda _: None))
     seconds = time.perf_counter() - began
-    mdm.save_mdm(model, Path(args.tmp) / arm.name)  # each task starts from a fresh copy of the same weights
-    print(json.dumps({"arm": arm.name, "pretrain_s": seconds, "last": records[-1]}), flush=True)
+    print(json.dumps({"arm": arm.name, "pretrain_s": seconds}), flush=True)
     return seconds
 
 
-def start_for(arm: Arm, args: argparse.Namespace) -> tuple[mdm.BEiT3ForMDM | None, BEiT3]:
-    """A fresh copy of the arm's start: (the pretrained model or None, its backbone)."""
-    torch.manual_seed(args.seed)
-    if arm.pretrain:
-        pretrained = mdm.load_mdm(Path(args.tmp) / arm.name)
-        return pretrained, pretrained.beit3
-    return None, start_backbone(args.config, args.vision_init if arm.vision_init else None)
+def finetune(arm: Arm, task: str, steps: int, args: argparse.Namespace, pretrain_s: float) -> list[dict]:
+    """Fine-tune one task from the arm's start (a fresh copy each time) and evaluate val and held-out."""
+    run = BEiT3Run(
+        task,
+        Path(args.tmp) / f"{arm.name}-{task}",
+        config=args.config,
+        size=args.size,
+        eval_size=args.eval_size,
+        loss=args.loss,
+        freeze_vision=arm.freeze,
+        init=Path(args.tmp) / arm.name if arm.pretrain else None,
+        vision_init=args.vision_init if arm.vision_init and not arm.pretrain else None,
+        train=_train(args, steps),
+    )
+    began = time.perf_counter()
+    records = list(train_beit3(run, log=lambda _: None))  # training, then the evals
+    seconds = time.perf_counter() - began
+    rows = []
+    for record in records:
+        if record.get("decoding", "greedy") != "greedy":
+            continue  # starts compared under plain decoding; bench/caption_guidance.py does guidance
+        rows.append({"arm": arm.name, **record, "pretrain_s": pretrain_s, "train_s": seconds})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def run_arm(arm: Arm, args: argparse.Namespace) -> list[dict]:
     """Pretrain (if the arm does), fine-tune VQA and captioning, evaluate both splits."""
     pretrain_s = pretrain(arm, args)
-    rows = []
-    _, backbone = start_for(arm, args)
-    model = vqa.new_vqa_model(args.config, backbone)
-    if arm.freeze:
-        freeze_vision(model)
-    train = vqa.ShapesVQA("train", args.size, model.beit3.cfg, model.answers, seed=args.seed)
-    began = time.perf_counter()
-    vqa.finetune_vqa(
-        model, train, args.vqa_steps, args.batch_size, args.lr, args.seed, args.log_every, loss=args.loss
+    return finetune(arm, "vqa", args.vqa_steps, args, pretrain_s) + finetune(
+        arm, "caption", args.caption_steps, args, pretrain_s
     )
-    seconds = time.perf_counter() - began
-    for split, data in vqa.vqa_splits(model.beit3.cfg, args.eval_size, args.seed).items():
-        row = {"arm": arm.name, "task": "vqa", "split": split, "pretrain_s": pretrain_s, "train_s": seconds}
-        rows.append({**row, **vqa.evaluate_vqa(model, data)})
-        print(json.dumps(rows[-1]), flush=True)
-
-    pretrained, backbone = start_for(arm, args)
-    train = caption.ShapesCaptions("train", args.size, backbone.cfg, seed=args.seed)
-    torch.manual_seed(args.seed)
-    cap = caption.new_caption_model(backbone.cfg, pretrained, train.vocabulary(), backbone)
-    if arm.freeze:
-        freeze_vision(cap)
-    began = time.perf_counter()
-    caption.finetune_caption(
-        cap, train, args.caption_steps, args.batch_size, args.lr, args.seed, args.log_every
-    )
-    seconds = time.perf_counter() - began
-    for split in ("val", "heldout"):
-        data = caption.ShapesCaptions(split, args.eval_size, cap.beit3.cfg, seed=args.seed + 1)
-        row = {"arm": arm.name, "task": "caption", "split": split}
-        row |= {"pretrain_s": pretrain_s, "train_s": seconds}
-        rows.append({**row, **caption.evaluate_caption(cap, data)})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
 
 
 def table(rows: list[dict], arms: list[str]) -> str:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_json  # noqa: E402
 
+from duomo.io.beit3_tasks import load_task  # noqa: E402
 from duomo.tasks.beit3 import caption  # noqa: E402
 from duomo.tasks.beit3.caption_guide import resolve_guide  # noqa: E402
 
@@ -40,12 +41,12 @@ DECODINGS = (
 
 def run(folder: str, args: argparse.Namespace) -> list[dict]:
     """Every decoding of one captioner on both splits."""
-    model = caption.load_caption(folder)
+    model, config = load_task(folder, "caption")
     rows = []
     for split in ("val", "heldout"):
-        data = caption.ShapesCaptions(split, args.eval_size, model.beit3.cfg, seed=args.seed)
+        data = caption.shapes_eval_set(split, args.eval_size, model.beit3.cfg, seed=args.seed)
         for name, beam, weight in DECODINGS:
-            guide = None if weight is None else resolve_guide(model.beit3.vision_init, args.guide, weight)
+            guide = None if weight is None else resolve_guide(config.get("vision_init"), args.guide, weight)
             if weight is not None and guide is None:
                 print(f"{folder}: no guide recorded or given; skipping {name}", flush=True)
                 continue

@@ -86,7 +86,8 @@ def train_command(
         "shapes",
         "--data",
         help="Training data: 'shapes' (built-in), a VQA manifest (vqa), caption pairs (pretrain, caption, "
-        "retrieval: manifest, caption folder, WebDataset), an ImageFolder tree or image,label CSV (classify).",
+        "retrieval: manifest, caption folder, WebDataset), an ImageFolder tree or image,label CSV "
+        "(classify).",
     ),
     eval_data: list[str] = typer.Option(
         None, "--eval-data", help="NAME=DATA, repeatable (default for shapes: val and heldout splits)."

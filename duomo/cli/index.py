@@ -116,9 +116,7 @@ def search(
     parse_query(text)  # a malformed query fails before the model loads
     with ImageIndex.open(directory) as idx:
         if len(idx) == 0:
-            raise InputError(
-                f"the index at {directory} holds no images; run `duomo index FOLDER` first"
-            )
+            raise InputError(f"the index at {directory} holds no images; run `duomo index FOLDER` first")
         model = model or idx.model_name
     pipe = load(model, device=device)
     with ImageIndex.open(directory, pipe) as idx:

@@ -229,7 +229,7 @@ class CLIPForBEiT3:
         self.vocab_size: int = self.clip.vocab_size
 
     def encode_with_padding(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLIP ids [N, T] (<sot> ... <eot>, trimmed to the longest) and the padding mask (True at padding)."""
+        """CLIP ids [N, T] (trimmed to the longest) and the padding mask (True at padding)."""
         return clip_ids_with_padding(texts, context_length)
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:

@@ -1,4 +1,4 @@
-"""Visual question answering data: (image, question, answers) from a manifest, answer vocabularies, soft scores.
+"""VQA data: (image, question, answers) from a manifest, answer vocabularies, soft scores.
 
 A VQA manifest is a JSONL, CSV or TSV file (image paths relative to it) with, per row, either one question:
 

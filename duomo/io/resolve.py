@@ -51,8 +51,9 @@ def read_model(
         config = None
         if model_architecture(name) == "beit3":
             raise InputError(
-                f"{name} is a BEiT-3 config; duomo.load builds CLIP pipelines and loads BEiT-3 task folders. "
-                "Build a BEiT-3 with duomo.models.beit3.create_beit3, train its tasks with `duomo beit3-train`"
+                f"{name} is a BEiT-3 config; duomo.load builds CLIP pipelines and loads BEiT-3 task "
+                "folders. Build a BEiT-3 with duomo.models.beit3.create_beit3, train its tasks with "
+                "`duomo beit3-train`"
             )
         model = create_model(name)
         if weights is None:

@@ -5,8 +5,8 @@ bounded (429 beyond `max_queue`), it reports to the metrics as queue `vqa` / `ca
 and each request is one model call, interleaved with the embedding batches instead of holding them up.
 Images decode and go through the model's eval transform in worker threads first (through the model service's
 decode limiter, within the pixel limit), so queued requests hold small pixel tensors, not decoded images.
-The model thread then does what `duomo.tasks.beit3.vqa.answer` / `duomo.tasks.beit3.caption.caption_image` do after their
-preprocessing (tests/serve/test_serve_vqa_caption.py checks the server answers exactly what they answer).
+The model thread then does what `duomo.tasks.beit3.vqa.answer` / `...caption.caption_image` do after
+their preprocessing (tests/serve/test_serve_vqa_caption.py checks the server answers what they answer).
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup, cfg.steps, cfg.schedule, cfg.min_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.ddp = wrap_ddp(self.model, self.info, find_unused)  # forward through this; save and inspect self.model
+        # forward through self.ddp; save and inspect self.model
+        self.ddp = wrap_ddp(self.model, self.info, find_unused)
 
         self.step = 0  # optimiser steps done
         self.epoch = 0  # data position: the next micro-batch is batch `batch_in_epoch` of `epoch`

@@ -86,9 +86,8 @@ def violations() -> list[str]:
             if dst not in LAYERS:
                 bad.append(f"{path}:{line}: imports {target}, which has no layer")
             elif LAYERS[dst] > LAYERS[src]:
-                bad.append(
-                    f"{path}:{line}: {src} (layer {LAYERS[src]}) imports {target} ({dst}, layer {LAYERS[dst]})"
-                )
+                where = f"{src} (layer {LAYERS[src]}) imports {target} ({dst}, layer {LAYERS[dst]})"
+                bad.append(f"{path}:{line}: {where}")
     return bad
 
 

@@ -18,7 +18,6 @@ from duomo.data.digits import (
 from duomo.errors import InputError
 
 
-
 @pytest.fixture(scope="module", name="sklearn_datasets")
 def sklearn_datasets_module():
     """`sklearn.datasets`, where DigitsDataset reads the scans from; skips the test without scikit-learn."""

@@ -30,8 +30,6 @@ from duomo.data.pairs import (
 from duomo.data.transforms import image_transform
 from duomo.errors import DuomoError, ImageError, InputError
 
-wds = pytest.importorskip("webdataset")
-
 
 def fake_tokenizer(texts: list[str]) -> torch.Tensor:
     """A picklable stand-in tokenizer: [N, 4] ids (the length of each text, then padding)."""
@@ -219,7 +217,13 @@ def test_image_folder_dataset(tmp_path: Path) -> None:
 # ---- WebDataset ----
 
 
-def write_shards(root: Path, shards: int = 4, per_shard: int = 6) -> list[str]:
+@pytest.fixture(scope="module", name="wds")
+def wds_module():
+    """The webdataset library, which writes the reference shards; skips the test without it."""
+    return pytest.importorskip("webdataset")
+
+
+def write_shards(wds, root: Path, shards: int = 4, per_shard: int = 6) -> list[str]:
     """Shards written with the webdataset library itself: jpg/png + txt, some cls and json."""
     keys = []
     for s in range(shards):
@@ -239,8 +243,8 @@ def write_shards(root: Path, shards: int = 4, per_shard: int = 6) -> list[str]:
 
 
 @pytest.fixture()
-def shards(tmp_path: Path) -> tuple[str, list[str]]:
-    keys = write_shards(tmp_path)
+def shards(wds, tmp_path: Path) -> tuple[str, list[str]]:
+    keys = write_shards(wds, tmp_path)
     return str(tmp_path / "shard-{0000..0003}.tar"), keys
 
 
@@ -298,7 +302,7 @@ def test_resample_streams_forever(shards: tuple[str, list[str]]) -> None:
     assert len(got) == 100 and set(got) <= set(keys) and len(set(got)) > 6
 
 
-def test_bad_samples_and_truncated_shards_are_skipped(tmp_path: Path) -> None:
+def test_bad_samples_and_truncated_shards_are_skipped(wds, tmp_path: Path) -> None:
     good = encoded(image(0))
     with wds.TarWriter(str(tmp_path / "a.tar")) as sink:
         sink.write({"__key__": "ok1", "png": good, "txt": "fine"})

@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-spm = pytest.importorskip("sentencepiece")
-
-from duomo.data.spm_tokenizer import (  # noqa: E402
+from duomo.data.spm_tokenizer import (
     BEIT3_SPM_URL,
     SPM_ENV,
     BEiT3Tokenizer,
@@ -26,8 +24,8 @@ from duomo.data.spm_tokenizer import (  # noqa: E402
     beit3_tokenizer,
     resolve_spm_path,
 )
-from duomo.errors import ConfigError, InputError  # noqa: E402
-from duomo.models.beit3 import get_beit3_config  # noqa: E402
+from duomo.errors import ConfigError, InputError
+from duomo.models.beit3 import get_beit3_config
 
 torch.set_num_threads(1)
 
@@ -64,7 +62,7 @@ CORPUS = [
 PLAIN = [c for c in CORPUS if "<" not in c]
 
 
-def train_spm(folder: Path, model_type: str) -> Path:
+def train_spm(spm, folder: Path, model_type: str) -> Path:
     """A ~200-piece SentencePiece model (unk 0, <s> 1, </s> 2, as XLM-R's) trained on generated sentences."""
     rng = random.Random(0)
     sentences = [
@@ -87,11 +85,17 @@ def train_spm(folder: Path, model_type: str) -> Path:
     return prefix.with_suffix(".model")
 
 
+@pytest.fixture(scope="module", name="spm")
+def spm_module():
+    """The sentencepiece package; skips the test without it (tests of duomo alone run regardless)."""
+    return pytest.importorskip("sentencepiece")
+
+
 @pytest.fixture(scope="module")
-def spm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def spm_paths(spm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A unigram model (XLM-R's and, as far as known, beit3.spm's type) and a BPE one."""
     folder = tmp_path_factory.mktemp("spm")
-    return {kind: train_spm(folder, kind) for kind in ("unigram", "bpe")}
+    return {kind: train_spm(spm, folder, kind) for kind in ("unigram", "bpe")}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +105,7 @@ def tok(spm_paths: dict[str, Path]) -> BEiT3Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def hf(spm_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+def hf(spm, spm_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     """transformers' XLMRobertaTokenizer on the unigram model, as unilm builds it.
 
     transformers 4 takes the .spm path (a sentencepiece-backed tokenizer). transformers 5 dropped that class:
@@ -139,7 +143,7 @@ def unilm_ids(processor, text: str) -> list[int]:
 
 
 # ---- ids ----------------------------------------------------------------------------------------------
-def test_special_ids_and_vocabulary_follow_fairseq(tok: BEiT3Tokenizer, spm_paths) -> None:
+def test_special_ids_and_vocabulary_follow_fairseq(tok: BEiT3Tokenizer, spm, spm_paths) -> None:
     pieces = spm.SentencePieceProcessor(model_file=str(spm_paths["unigram"])).get_piece_size()
     assert 100 <= pieces <= 200
     assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
@@ -167,7 +171,7 @@ def test_batch_matches_transformers_padding_and_truncation(tok: BEiT3Tokenizer, 
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
-def test_encode_matches_unilm_token_path(spm_paths, model_type: str) -> None:
+def test_encode_matches_unilm_token_path(spm, spm_paths, model_type: str) -> None:
     """Pieces -> ids as transformers 4 does (covers BPE models, which transformers 5 converts differently)."""
     path = spm_paths[model_type]
     tok = BEiT3Tokenizer(path)
@@ -232,7 +236,7 @@ def test_decode_matches_transformers(tok: BEiT3Tokenizer, hf, text: str) -> None
     assert tok.decode(tok(text, 256)[0]) == hf.decode(hf(text)["input_ids"], skip_special_tokens=True)
 
 
-def test_decode_joins_pieces_as_sentencepiece(tok: BEiT3Tokenizer, spm_paths) -> None:
+def test_decode_joins_pieces_as_sentencepiece(tok: BEiT3Tokenizer, spm, spm_paths) -> None:
     processor = spm.SentencePieceProcessor(model_file=str(spm_paths["unigram"]))
     for text in PLAIN:
         known = [i for i in processor.encode(text) if i != processor.unk_id()]
@@ -271,6 +275,7 @@ def test_pickles_by_path(tok: BEiT3Tokenizer) -> None:
 
 
 # ---- missing, corrupt, unconfigured files ------------------------------------------------------------
+@pytest.mark.usefixtures("spm")  # without sentencepiece, loading fails before the file is looked at
 def test_missing_file_names_the_path_and_the_download(tmp_path: Path) -> None:
     path = tmp_path / "nope" / "beit3.spm"
     with pytest.raises(ConfigError, match="no SentencePiece model") as err:
@@ -278,6 +283,7 @@ def test_missing_file_names_the_path_and_the_download(tmp_path: Path) -> None:
     assert str(path) in str(err.value) and BEIT3_SPM_URL in str(err.value) and SPM_ENV in str(err.value)
 
 
+@pytest.mark.usefixtures("spm")  # without sentencepiece, loading fails before the file is looked at
 @pytest.mark.parametrize("content", [b"", b"not a sentencepiece model\n", bytes(range(256)) * 4])
 def test_corrupt_file_names_the_path(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "beit3.spm"
@@ -287,6 +293,7 @@ def test_corrupt_file_names_the_path(tmp_path: Path, content: bytes) -> None:
     assert str(path) in str(err.value) and BEIT3_SPM_URL in str(err.value)
 
 
+@pytest.mark.usefixtures("spm")  # without sentencepiece, loading fails before the file is looked at
 def test_a_folder_is_not_a_model(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=str(tmp_path)):
         BEiT3Tokenizer(tmp_path)

@@ -309,6 +309,7 @@ def test_search_vector_checks_its_input(index: ImageIndex, photos: Path) -> None
 
 
 def test_exact_and_approximate_agree_on_top1(tmp_path: Path, photos: Path, pipe: CountingPipeline) -> None:
+    pytest.importorskip("faiss")  # without it the search is exact and no approximate index exists
     make_folder(photos / "more", 40, seed=3)
     with ImageIndex.open(tmp_path / "index", pipe, approx_threshold=10) as idx:
         idx.update([photos], progress=False)
@@ -360,6 +361,7 @@ def test_ivf_finds_the_exact_top1_on_a_larger_set() -> None:
 def test_search_caches_are_used_and_rebuilt(
     tmp_path: Path, photos: Path, pipe: CountingPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    pytest.importorskip("faiss")  # the cache holds the faiss IVF file
     monkeypatch.setattr(vectors_module, "CACHE_MIN_ROWS", 1)
     directory = tmp_path / "index"
     with ImageIndex.open(directory, pipe, approx_threshold=1) as idx:

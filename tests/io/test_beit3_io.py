@@ -28,12 +28,6 @@ from duomo.io.beit3 import (
 from duomo.io.checkpoint import load_into
 from duomo.models.beit3 import BEiT3, BEiT3Config, get_beit3_config
 
-with warnings.catch_warnings():  # torchscale imports timm.models.layers, deprecated in timm 1.x
-    warnings.simplefilter("ignore")
-    pytest.importorskip("torchscale")
-    from torchscale.architecture.config import EncoderConfig
-    from torchscale.model.BEiT3 import BEiT3 as TorchscaleBEiT3
-
 TOLERANCE = 1e-5  # max abs difference of fp32 hidden states
 MODES = ("vision", "language", "fused")
 # head_dim 64, as in every released size, so that the head count inferred from weights is right
@@ -58,8 +52,19 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def torchscale_classes() -> tuple[type, type]:
+    """torchscale's EncoderConfig and BEiT3: the reference; skips the calling test without torchscale."""
+    with warnings.catch_warnings():  # torchscale imports timm.models.layers, deprecated in timm 1.x
+        warnings.simplefilter("ignore")
+        pytest.importorskip("torchscale")
+        from torchscale.architecture.config import EncoderConfig
+        from torchscale.model.BEiT3 import BEiT3 as TorchscaleBEiT3
+    return EncoderConfig, TorchscaleBEiT3
+
+
 def torchscale_model(cfg: BEiT3Config, seed: int = 0) -> nn.Module:
     """torchscale's BEiT3 for `cfg` with random weights (no init: built on the meta device), in eval mode."""
+    EncoderConfig, TorchscaleBEiT3 = torchscale_classes()
     with torch.device("meta"):
         model = TorchscaleBEiT3(EncoderConfig(**torchscale_config(cfg)))
     return randomize(model.to_empty(device="cpu"), seed).eval()
@@ -161,6 +166,7 @@ def tiny() -> tuple[BEiT3Config, nn.Module]:
 
 def test_export_round_trips_into_torchscale(tiny):
     cfg, reference = tiny
+    EncoderConfig, TorchscaleBEiT3 = torchscale_classes()
     ours = load_into(BEiT3(cfg), torchscale_to_duomo(reference.state_dict())).eval()
     fresh = TorchscaleBEiT3(EncoderConfig(**torchscale_config(cfg))).eval()
     fresh.load_state_dict(duomo_to_torchscale(ours.state_dict()), strict=True)

@@ -11,8 +11,6 @@ from duomo.io import detect_format, duomo_to_hf, export_hf, hf_to_duomo, read_ch
 from duomo.io.hf import hf_config_to_duomo
 from duomo.models import get_model_config
 
-transformers = pytest.importorskip("transformers")
-
 # (duomo zoo name it must equal, transformers activation, eos_token_id): 2 is HF's legacy argmax pooling.
 CASES = {
     "ViT-B-32-quickgelu": ("quick_gelu", 2),
@@ -20,7 +18,13 @@ CASES = {
 }
 
 
-def hf_config(name: str, act: str, eos: int):
+@pytest.fixture(scope="module", name="transformers")
+def transformers_module():
+    """The transformers library (the reference); skips the test without it."""
+    return pytest.importorskip("transformers")
+
+
+def hf_config(transformers, name: str, act: str, eos: int):
     cfg = get_model_config(name)
     v, t = cfg.vision, cfg.text
     text = dict(hidden_size=t.width, intermediate_size=4 * t.width, num_hidden_layers=t.layers)
@@ -48,11 +52,11 @@ def hf_encoders(model):
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def reference(request, tmp_path_factory):
+def reference(request, transformers, tmp_path_factory):
     """A random-weight transformers CLIPModel written with save_pretrained."""
     name = request.param
     torch.manual_seed(0)
-    model = transformers.CLIPModel(hf_config(name, *CASES[name])).eval()
+    model = transformers.CLIPModel(hf_config(transformers, name, *CASES[name])).eval()
     with (
         torch.no_grad()
     ):  # HF initialises biases and logit_scale to constants: randomise so mapping errors show
@@ -83,9 +87,9 @@ def test_hf_directory_loads_with_exact_outputs(reference, loaded, tokens, compar
     compare(outputs, *hf_encoders(ref), pixels, tokens)
 
 
-def test_hf_pytorch_bin_gives_the_same_state_dict(tmp_path):
+def test_hf_pytorch_bin_gives_the_same_state_dict(transformers, tmp_path):
     torch.manual_seed(0)
-    model = transformers.CLIPModel(hf_config("ViT-micro", "gelu", 49407))
+    model = transformers.CLIPModel(hf_config(transformers, "ViT-micro", "gelu", 49407))
     model.save_pretrained(tmp_path / "st")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
@@ -97,7 +101,7 @@ def test_hf_pytorch_bin_gives_the_same_state_dict(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_hf_round_trips(loaded, tmp_path, tokens, compare):
+def test_export_hf_round_trips(transformers, loaded, tmp_path, tokens, compare):
     cfg, model, pixels, outputs = loaded
     export_hf(model, tmp_path / "hf")
     back = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()

@@ -20,13 +20,17 @@ from duomo.io import (
 )
 from duomo.models import get_model_config
 
-open_clip = pytest.importorskip("open_clip")
-
 NAMES = ["ViT-B-32", "ViT-B-16", "ViT-B-32-quickgelu"]
 
 
+@pytest.fixture(scope="module", name="open_clip")
+def open_clip_module():
+    """The open_clip library (the reference); skips the test without it."""
+    return pytest.importorskip("open_clip")
+
+
 @pytest.fixture(scope="module", params=NAMES)
-def reference(request, tmp_path_factory):
+def reference(request, open_clip, tmp_path_factory):
     """A random-weight OpenCLIP model saved as a .pt state dict and as .safetensors."""
     name = request.param
     torch.manual_seed(0)
@@ -67,7 +71,7 @@ def test_torch_file_gives_the_same_weights_as_safetensors(reference):
 
 
 @pytest.mark.slow
-def test_sidecar_config_carries_quickgelu(reference, tmp_path):
+def test_sidecar_config_carries_quickgelu(open_clip, reference, tmp_path):
     name, _, out = reference
     path = tmp_path / "weights.pt"
     path.symlink_to(out / "model.pt")
@@ -77,7 +81,7 @@ def test_sidecar_config_carries_quickgelu(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_to_openclip_round_trips(reference, loaded, tmp_path, tokens, compare):
+def test_export_to_openclip_round_trips(open_clip, reference, loaded, tmp_path, tokens, compare):
     name, _, _ = reference
     if name.endswith("quickgelu"):
         pytest.skip("the round trip of quick_gelu configs is covered without weights below")
@@ -120,7 +124,7 @@ def test_openai_extras_are_dropped():
 
 
 @pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16-quickgelu", "ViT-L-14-336", "ViT-H-14"])
-def test_config_translation_matches_the_zoo(name):
+def test_config_translation_matches_the_zoo(open_clip, name):
     cfg = get_model_config(name)
     assert openclip_config_to_duomo(duomo_config_to_openclip(cfg)) == cfg
     assert openclip_config_to_duomo(open_clip.get_model_config(name)) == cfg

@@ -30,7 +30,9 @@ def test_clip_started_vqa_answers_colours_of_unseen_pairs(tmp_path) -> None:  # 
     train = vqa_table(vqa_source("shapes", cfg, 600, seed=0), cfg)
     model = VQAModel(backbone, train.extra["answers"], "ce")
     freeze_vision(model)
-    run = beit3_train_config(out=str(tmp_path / "vqa"), steps=STEPS, batch_size=32, lr=1e-3, quiet=True, plot=False)
+    run = beit3_train_config(
+        out=str(tmp_path / "vqa"), steps=STEPS, batch_size=32, lr=1e-3, quiet=True, plot=False
+    )
     fit_task(model, VQAObjective("ce"), train, run, "vqa")
     held = evaluate_vqa(model, vqa_table(vqa_source("shapes:heldout", cfg, 60, seed=1), cfg, model.answers))
     # chance is 1/8 for a colour; the question names the object by a shape never seen in that colour

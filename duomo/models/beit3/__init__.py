@@ -1,4 +1,4 @@
-"""The BEiT-3 family: config, Multiway Transformer, backbone, heads, and a vision pathway from a CLIP tower."""
+"""The BEiT-3 family: config, Multiway Transformer, backbone, heads, a vision pathway from a CLIP."""
 
 from duomo.models.beit3.backbone import BEiT3, VisionEmbedding, create_beit3
 from duomo.models.beit3.config import ARCHITECTURE, BEiT3Config, get_beit3_config, list_beit3_models

@@ -2,7 +2,8 @@
 
 The default layout is torchscale's (Microsoft's released checkpoints): per-modality attention projections
 and LayerNorms, Magneto's sub-LN, fairseq positions that start at row 2 of each position table.
-`shared_attention=True` with `vl_layers > 0` gives the paper's layout instead (see duomo.models.beit3.multiway).
+`shared_attention=True` with `vl_layers > 0` gives the paper's layout
+instead (see duomo.models.beit3.multiway).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""BEiT-3 tasks: data tables, training runs, VQA, captioning (decoding, guidance, metrics), retrieval, classification."""
+"""BEiT-3 tasks: data tables, training runs, VQA, captioning (decoding, guidance), retrieval, classify."""

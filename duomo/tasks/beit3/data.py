@@ -143,7 +143,7 @@ def vqa_source(spec: str, cfg: BEiT3Config, size: int = 2000, seed: int = 0) -> 
     if folder.is_dir():  # a `duomo data export --task vqa` folder: its manifest
         meta = read_export_meta(folder)
         if meta is None or not meta.get("files"):
-            raise InputError(f"{spec!r} is a folder; give a VQA manifest file or a `duomo data export` folder")
+            raise InputError(f"{spec!r} is a folder; give a VQA manifest or a `duomo data export` folder")
         return VQAData.from_manifest(folder / meta["files"][0])
     return VQAData.from_manifest(spec)
 

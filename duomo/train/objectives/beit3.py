@@ -206,7 +206,8 @@ class VQAObjective:
     one right answer) or "target" answer indices [B]. "bce" is unilm's (mean BCE-with-logits times the number
     of answers), made for soft multi-annotator scores; "ce" is softmax cross-entropy against the scores
     normalised to a distribution, which for one right answer per question (shapes) leaves the
-    all-answers-unlikely phase BCE starts with much sooner. "acc" is VQA accuracy: the score of the top answer.
+    all-answers-unlikely phase BCE starts with much sooner. "acc" is VQA accuracy: the score of the top
+    answer.
     """
 
     def __init__(self, loss: str = "bce") -> None:
