@@ -103,7 +103,7 @@ def test_demo_falls_back_to_the_default_checkpoint_without_minilm(tmp_path, monk
             raise DuomoError("the MiniLM package is not installed")
         return real(name, **kw)
 
-    monkeypatch.setattr(demo.duomo, "load", load)
+    monkeypatch.setattr(demo, "load", load)
     console = Console(file=io.StringIO(), width=200)
     demo.run_demo(None, tmp_path / "demo", console)
     assert "zero-shot with shapes-tiny" in console.file.getvalue()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from duomo.data.images import load_image
-from duomo.data.registry import build_tokenizer
+from duomo.data.tokenizers import build_tokenizer
 from duomo.data.transforms import image_transform
 from duomo.errors import InputError
 from duomo.io.beit3_tasks import is_task_folder

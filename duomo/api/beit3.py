@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from duomo.data.images import ImageLike
-from duomo.data.spm_tokenizer import beit3_tokenizer
+from duomo.data.tokenizers import build_tokenizer
 from duomo.data.transforms import image_transform, preprocess_images
 from duomo.errors import InputError
 from duomo.io.beit3_tasks import load_task
@@ -118,7 +118,7 @@ class RetrievalPipeline(TaskPipeline):
         items = [texts] if isinstance(texts, str) else list(texts)
         if not items or not all(isinstance(t, str) for t in items):
             raise InputError("encode_text takes one or more strings")
-        ids, pad = beit3_tokenizer(self.model.beit3.cfg, self.spm_path).encode_with_padding(
+        ids, pad = build_tokenizer(self.model.beit3.cfg, spm_path=self.spm_path).encode_with_padding(
             items, TEXT_LENGTH
         )
         return self.model.encode_text(ids.to(self.device), pad.to(self.device)).float().cpu()

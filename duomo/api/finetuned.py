@@ -35,8 +35,8 @@ def load_finetuned(directory: str | os.PathLike, device: str | torch.device = "c
     from duomo.api import Pipeline
     from duomo.io import load_into, load_native
     from duomo.io.files import load_weights
+    from duomo.io.text_towers import restore_package_weights
     from duomo.models import create_model
-    from duomo.models.clip.minilm import restore_package_weights
 
     directory = Path(directory)
     if not (directory / HEAD_FILE).is_file():

@@ -40,7 +40,7 @@ def save_native(model: nn.Module, directory: str | os.PathLike, meta: dict[str, 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_id = uuid.uuid4().hex
-    from duomo.models.clip.minilm import omit_package_weights
+    from duomo.io.text_towers import omit_package_weights
 
     state, package_meta = omit_package_weights(model, model.state_dict())  # frozen pretrained towers stay out
     meta = {**(meta or {}), **package_meta} if (meta or package_meta) else None
@@ -87,7 +87,7 @@ def load_native(directory: str | os.PathLike) -> tuple[CLIPConfig, StateDict, di
         cfg = CLIPConfig.from_dict(data.get("model") or {})
     except ConfigError as exc:
         raise CheckpointError(f"{config_path}: {exc}") from exc
-    from duomo.models.clip.minilm import restore_package_weights
+    from duomo.io.text_towers import restore_package_weights
 
     meta = dict(data.get("meta") or {})
     return cfg, restore_package_weights(cfg.text, load_weights(weights_path), meta), meta

@@ -16,6 +16,7 @@ from torch import nn
 from duomo.errors import InputError, UnknownModelError
 from duomo.io.checkpoint import load_into, resolve_hub
 from duomo.io.convert import read_with_meta
+from duomo.io.text_towers import build_model
 from duomo.models import create_model, list_models
 from duomo.models.factory import model_architecture
 
@@ -55,7 +56,7 @@ def read_model(
                 "folders. Build a BEiT-3 with duomo.models.beit3.create_beit3, train its tasks with "
                 "`duomo beit3-train`"
             )
-        model = create_model(name)
+        model = build_model(name)  # a LiT config: its package text tower is pretrained
         if weights is None:
             log.warning("model %s has random weights: pass weights=PATH to load a checkpoint", name)
             state = None

@@ -118,7 +118,7 @@ class TaskService:
 
     def _run_vqa(self, items: list[tuple[torch.Tensor, str]]) -> list[tuple[str, float]]:
         """Model thread: `answer` on preprocessed pixels (`best_answer`: top answer, its probability)."""
-        from duomo.data.spm_tokenizer import beit3_tokenizer
+        from duomo.data.tokenizers import build_tokenizer
         from duomo.tasks.beit3.data import TEXT_LENGTH
         from duomo.tasks.beit3.vqa import best_answer
 
@@ -126,7 +126,7 @@ class TaskService:
         out = []
         with torch.inference_mode():
             for pixels, question in items:
-                tok = beit3_tokenizer(model.beit3.cfg)  # beit3.spm from $DUOMO_BEIT3_SPM
+                tok = build_tokenizer(model.beit3.cfg)  # beit3.spm from $DUOMO_BEIT3_SPM
                 ids, pad = tok.encode_with_padding([question], TEXT_LENGTH)
                 out.append(best_answer(model, pixels.unsqueeze(0), ids, pad))
         return out

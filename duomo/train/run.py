@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from duomo.data.registry import build_tokenizer
+from duomo.data.tokenizers import build_tokenizer
 from duomo.data.transforms import image_transform
 from duomo.errors import InputError
+from duomo.io.text_towers import build_model as build_with_package_weights
 from duomo.models import CLIP, create_model
 from duomo.train.checkpoint import seed_everything
 from duomo.train.config import TrainConfig
@@ -38,7 +39,7 @@ def build_model(cfg: TrainConfig) -> CLIP:
         model = create_model(config)
         load_into(model, state)
     else:
-        model = create_model(cfg.model)
+        model = build_with_package_weights(cfg.model)  # with the pretrained weights a LiT text tower names
         if cfg.loss == "siglip":
             with torch.no_grad():
                 model.logit_scale.fill_(SIGLIP_INIT_SCALE)

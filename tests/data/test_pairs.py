@@ -369,7 +369,7 @@ def test_collate_builds_tensors_and_drops_none() -> None:
 
 
 def test_collate_with_the_clip_tokenizer_is_picklable() -> None:
-    from duomo.data.tokenizer import get_tokenizer
+    from duomo.data.tokenizers.clip import get_tokenizer
 
     fn = pickle.loads(pickle.dumps(make_collate(TRANSFORM, get_tokenizer(16))))
     batch = fn([{"image": image(0), "text": "a red star", "label": 1, "key": "k"}])

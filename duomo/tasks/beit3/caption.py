@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from duomo.data.shapes import CAPTION_STYLES, COLOURS, SHAPES, ShapesDataset, make_caption
-from duomo.data.spm_tokenizer import beit3_tokenizer
+from duomo.data.tokenizers import build_tokenizer
 from duomo.data.transforms import image_transform, preprocess_images
 from duomo.errors import InputError
 from duomo.models.beit3 import BEiT3Config, BEiT3ForCaptioning
@@ -144,7 +144,7 @@ def generate(
     Decoded with the tokenizer of the model's config; `spm_path` (else `$DUOMO_BEIT3_SPM`) is unilm's
     beit3.spm for a "beit3-spm" config.
     """
-    tok = beit3_tokenizer(model.beit3.cfg, spm_path)  # before decoding: a missing .spm fails fast
+    tok = build_tokenizer(model.beit3.cfg, spm_path=spm_path)  # before decoding: a missing .spm fails fast
     beam = beam if beam is not None else (GUIDED_BEAM if guide is not None else 1)
     if guide is not None:
         rescore = guide.rescorer(images, model.beit3.cfg, tok.decode)

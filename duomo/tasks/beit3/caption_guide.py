@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duomo.data.registry import build_tokenizer
+from duomo.data.tokenizers import build_tokenizer
 from duomo.errors import DuomoError, InputError
 from duomo.io.resolve import read_model
 from duomo.models.beit3 import BEiT3Config

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, IterableDataset
 from duomo.data.catalog import open_pairs, read_export_meta
 from duomo.data.pairs import MANIFEST_FORMATS, ImageFolderDataset, ManifestPairs
 from duomo.data.shapes import COLOURS, SHAPES, ShapesDataset, class_names
-from duomo.data.spm_tokenizer import beit3_tokenizer
+from duomo.data.tokenizers import build_tokenizer
 from duomo.data.transforms import image_transform
 from duomo.data.vqa import VQAData, VQARecord, build_answer_vocabulary, soft_scores
 from duomo.errors import InputError
@@ -93,7 +93,7 @@ def _iterate(dataset: Dataset) -> Any:
 def _tokens(
     cfg: BEiT3Config, texts: list[str], spm_path: str | os.PathLike | None
 ) -> tuple[torch.Tensor, ...]:
-    ids, pad = beit3_tokenizer(cfg, spm_path).encode_with_padding(texts, TEXT_LENGTH)
+    ids, pad = build_tokenizer(cfg, spm_path=spm_path).encode_with_padding(texts, TEXT_LENGTH)
     if ids.shape[1] < TEXT_LENGTH:  # fixed width, so rows stack; the collate trims per batch
         extra = TEXT_LENGTH - ids.shape[1]
         ids = torch.nn.functional.pad(ids, (0, extra), value=0)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils.data import Dataset
 
-from duomo.data.spm_tokenizer import beit3_special_ids
+from duomo.data.tokenizers import special_ids
 from duomo.errors import InputError
 from duomo.models.beit3 import BEiT3Config
 from duomo.tasks.beit3.data import TaskTable, _tokens, caption_table
@@ -86,7 +86,7 @@ def pretraining_data(
 
 def mdm_objective(cfg: BEiT3Config, freeze_vision: bool, seed: int = 0) -> MDMObjective:
     """The masked-data-modelling objective; with a frozen vision pathway, MLM only (VLMo's second stage)."""
-    sot, eot, _ = beit3_special_ids(cfg)
+    sot, eot, _ = special_ids(cfg)
     mdm = MDMConfig(special_ids=(sot, eot))
     if freeze_vision:
         mdm.image_ratio = 0.0

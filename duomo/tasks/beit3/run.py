@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from duomo.data.spm_tokenizer import beit3_special_ids
+from duomo.data.tokenizers import special_ids
 from duomo.errors import InputError
 from duomo.io.resolve import provenance
 from duomo.models.beit3 import (
@@ -126,7 +126,7 @@ def train_beit3(run: BEiT3Run, log: Callable[[str], None] = print) -> Iterator[d
     elif run.task == "caption":
         table = data.caption_table(data.caption_source(run.data, cfg, run.size, seed), cfg, spm)
         _report_skips(table, log)
-        sot, eot, _ = beit3_special_ids(cfg)
+        sot, eot, _ = special_ids(cfg)
         vocab = data.caption_vocabulary(table, sot)
         torch.manual_seed(seed)
         if pretrained is not None:

@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 
 from duomo.data.images import ImageLike
-from duomo.data.spm_tokenizer import beit3_tokenizer
+from duomo.data.tokenizers import build_tokenizer
 from duomo.data.transforms import image_transform, preprocess_images
 from duomo.errors import InputError
 from duomo.models.beit3 import VQAModel
@@ -71,7 +71,7 @@ def answer(
         raise InputError("the question is empty; ask something like 'what color is the star?'")
     cfg = model.beit3.cfg
     pixels = preprocess_images([image], image_transform(cfg.image_size, cfg.mean, cfg.std))
-    ids, pad = beit3_tokenizer(cfg, spm_path).encode_with_padding([question], TEXT_LENGTH)
+    ids, pad = build_tokenizer(cfg, spm_path=spm_path).encode_with_padding([question], TEXT_LENGTH)
     return best_answer(model, pixels, ids, pad)
 
 

@@ -150,6 +150,26 @@ class CLIPTokenizer:
         self.sot_token_id: int = self.tokenizer.token_to_id(SOT_TOKEN)
         self.eot_token_id: int = self.tokenizer.token_to_id(EOT_TOKEN)
 
+    pad_token_id = 0
+
+    @property
+    def bos_token_id(self) -> int:
+        """<start_of_text>, under the name every duomo tokenizer gives its start id."""
+        return self.sot_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        """<end_of_text>."""
+        return self.eot_token_id
+
+    def encode_with_padding(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [N, T], padding mask [N, T], True at padding), trimmed to the longest text (<sot> .. <eot>)."""
+        ids = self(texts, context_length)
+        eot = (ids == self.eot_token_id).int().argmax(1)
+        pad = torch.arange(ids.shape[1]).unsqueeze(0) > eot.unsqueeze(1)
+        length = int(eot.max()) + 1
+        return ids[:, :length], pad[:, :length]
+
     def __reduce__(self) -> tuple:
         """Pickle as a call to `get_tokenizer`: data-loader workers rebuild it rather than copy 49k tokens."""
         return get_tokenizer, (self.context_length,)

@@ -9,8 +9,8 @@ pads with 1. `BEiT3Tokenizer` reproduces those ids with `sentencepiece` alone; `
 test_spm_tokenizer.py` checks them against `transformers`.
 
 The .spm file is not shipped (it is unilm's): get it from unilm's README link, `BEIT3_SPM_URL`, and pass its
-path, or set `$DUOMO_BEIT3_SPM`. `beit3_tokenizer(cfg)` picks the tokenizer of a BEiT-3 config: CLIP's for
-`"clip"` (duomo's tiny models), this one for `"beit3-spm"` (Microsoft's).
+path, or set `$DUOMO_BEIT3_SPM`. Which tokenizer a model uses is its config's `tokenizer` field, resolved by
+the one registry in `duomo.data.tokenizers`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from duomo.data.tokenizer import as_text_list, check_context_length, not_text_error
+from duomo.data.tokenizers.clip import as_text_list, check_context_length, not_text_error
 from duomo.errors import ConfigError, InputError
 
 SPM_ENV = "DUOMO_BEIT3_SPM"
@@ -186,69 +186,6 @@ class BEiT3Tokenizer:
         return self.sp.decode(pieces)
 
 
-class BEiT3TextTokenizer(Protocol):
-    """What BEiT-3 task code needs from a tokenizer (BEiT3Tokenizer, or CLIP's through CLIPForBEiT3)."""
-
-    bos_token_id: int
-    eos_token_id: int
-    pad_token_id: int
-    vocab_size: int
-
-    def encode_with_padding(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [N, T], padding mask [N, T], True at padding), T the longest text of the batch."""
-        ...
-
-    def decode(self, ids: list[int] | torch.Tensor) -> str:
-        """Text of one sequence of ids."""
-        ...
-
-
-def clip_ids_with_padding(texts: list[str], context_length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP ids [N, T] (<sot> ... <eot>, trimmed to the longest) and the padding mask (True at padding)."""
-    from duomo.data.tokenizer import get_tokenizer
-
-    tok = get_tokenizer(context_length)
-    ids = tok(texts)
-    eot = (ids == tok.eot_token_id).int().argmax(1)
-    pad = torch.arange(ids.shape[1]).unsqueeze(0) > eot.unsqueeze(1)
-    length = int(eot.max()) + 1
-    return ids[:, :length], pad[:, :length]
-
-
-class CLIPForBEiT3:
-    """CLIP's tokenizer as duomo's tiny BEiT-3 models use it: pad id 0."""
-
-    pad_token_id = 0
-
-    def __init__(self) -> None:
-        from duomo.data.tokenizer import get_tokenizer
-
-        self.clip = get_tokenizer()
-        self.bos_token_id: int = self.clip.sot_token_id
-        self.eos_token_id: int = self.clip.eot_token_id
-        self.vocab_size: int = self.clip.vocab_size
-
-    def encode_with_padding(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLIP ids [N, T] (trimmed to the longest) and the padding mask (True at padding)."""
-        return clip_ids_with_padding(texts, context_length)
-
-    def decode(self, ids: list[int] | torch.Tensor) -> str:
-        """`CLIPTokenizer.decode`."""
-        return self.clip.decode(ids)
-
-
-# (bos, eos, pad) of each BEiT-3 tokenizer, known without loading it (e.g. to build a captioning head)
-SPECIAL_IDS = {"clip": (49406, 49407, 0), "beit3-spm": (BOS_ID, EOS_ID, PAD_ID)}
-
-
-def beit3_special_ids(cfg: Any) -> tuple[int, int, int]:
-    """(bos, eos, pad) ids of the tokenizer of a BEiT-3 config, without loading any file."""
-    name = getattr(cfg, "tokenizer", None)
-    if name not in SPECIAL_IDS:
-        raise ConfigError(f"unknown BEiT-3 tokenizer {name!r}; known: {sorted(SPECIAL_IDS)}")
-    return SPECIAL_IDS[name]
-
-
 @lru_cache(maxsize=8)
 def _shared_spm(path: str, mtime_ns: int, size: int) -> BEiT3Tokenizer:
     """One loaded tokenizer per file version (the key changes when the file is replaced)."""
@@ -262,31 +199,3 @@ def shared_beit3_tokenizer(spm_path: str | os.PathLike | None = None) -> BEiT3To
         _load_processor(path)  # raises the ConfigError naming the path
     stat = path.stat()
     return _shared_spm(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-
-
-@lru_cache(maxsize=1)
-def _shared_clip() -> CLIPForBEiT3:
-    return CLIPForBEiT3()
-
-
-def beit3_tokenizer(cfg: Any, spm_path: str | os.PathLike | None = None) -> BEiT3TextTokenizer:
-    """The text tokenizer of a BEiT-3 config: CLIP's for `tokenizer: "clip"`, beit3.spm's for "beit3-spm".
-
-    The .spm file is `spm_path`, else `$DUOMO_BEIT3_SPM`; it is ignored for "clip" configs. A config whose
-    `vocab_size` is smaller than the tokenizer's is refused (its ids would overflow the embedding).
-    """
-    name = getattr(cfg, "tokenizer", None)
-    if name == "clip":
-        tok: BEiT3TextTokenizer = _shared_clip()
-    elif name == "beit3-spm":
-        tok = shared_beit3_tokenizer(spm_path)
-    else:
-        raise ConfigError(f"unknown BEiT-3 tokenizer {name!r}; known: {sorted(SPECIAL_IDS)}")
-    vocab = getattr(cfg, "vocab_size", None)
-    if vocab is not None and vocab < tok.vocab_size:
-        where = f" ({tok.spm_path})" if isinstance(tok, BEiT3Tokenizer) else ""
-        raise ConfigError(
-            f"the {name!r} tokenizer{where} has {tok.vocab_size} ids but the model's vocab_size is {vocab}; "
-            "is this the tokenizer the checkpoint was trained with?"
-        )
-    return tok

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from duomo.data.tokenizer import CLIPTokenizer, clean_text, get_tokenizer
+from duomo.data.tokenizers.clip import CLIPTokenizer, clean_text, get_tokenizer
 from duomo.errors import InputError
 
 CORPUS = [
@@ -142,7 +142,7 @@ def reference():
 
 
 def test_same_vocabulary_and_merges(tok: CLIPTokenizer, reference) -> None:
-    from duomo.data.tokenizer import read_merges
+    from duomo.data.tokenizers.clip import read_merges
 
     assert tok.tokenizer.get_vocab(with_added_tokens=True) == reference.encoder
     assert read_merges() == list(reference.bpe_ranks)

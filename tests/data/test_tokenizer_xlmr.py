@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from duomo.data.spm_tokenizer import (
+from duomo.data.tokenizers import build_tokenizer, special_ids
+from duomo.data.tokenizers.clip import CLIPTokenizer
+from duomo.data.tokenizers.xlmr import (
     BEIT3_SPM_URL,
     SPM_ENV,
     BEiT3Tokenizer,
-    CLIPForBEiT3,
-    beit3_special_ids,
-    beit3_tokenizer,
     resolve_spm_path,
 )
 from duomo.errors import ConfigError, InputError
@@ -306,7 +305,7 @@ def test_no_path_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     assert SPM_ENV in str(err.value) and BEIT3_SPM_URL in str(err.value)
     cfg = dataclasses.replace(get_beit3_config("beit3-micro"), tokenizer="beit3-spm")
     with pytest.raises(ConfigError, match=SPM_ENV):
-        beit3_tokenizer(cfg)
+        build_tokenizer(cfg)
 
 
 def test_argument_beats_environment(monkeypatch: pytest.MonkeyPatch, spm_paths, tmp_path: Path) -> None:
@@ -315,7 +314,7 @@ def test_argument_beats_environment(monkeypatch: pytest.MonkeyPatch, spm_paths, 
     assert resolve_spm_path(spm_paths["unigram"]) == spm_paths["unigram"]
     monkeypatch.setenv(SPM_ENV, str(tmp_path / "missing.spm"))
     with pytest.raises(ConfigError, match="missing.spm"):
-        beit3_tokenizer(dataclasses.replace(get_beit3_config("beit3-micro"), tokenizer="beit3-spm"))
+        build_tokenizer(dataclasses.replace(get_beit3_config("beit3-micro"), tokenizer="beit3-spm"))
 
 
 # ---- choosing the tokenizer of a BEiT-3 config -------------------------------------------------------
@@ -325,69 +324,72 @@ def spm_config(vocab_size: int = 256):
 
 
 def test_clip_configs_keep_clip_ids(monkeypatch: pytest.MonkeyPatch) -> None:
-    from duomo.data.tokenizer import get_tokenizer
+    from duomo.data.tokenizers.clip import get_tokenizer
 
     monkeypatch.delenv(SPM_ENV, raising=False)
     cfg = get_beit3_config("beit3-micro")
     assert cfg.tokenizer == "clip"
-    tok = beit3_tokenizer(cfg, spm_path="/ignored/for/clip.spm")
-    assert isinstance(tok, CLIPForBEiT3)
+    tok = build_tokenizer(cfg, spm_path="/ignored/for/clip.spm")
+    assert isinstance(tok, CLIPTokenizer)
     texts = ["what color is the star?", "a"]
     ids, pad = tok.encode_with_padding(texts, 32)
     clip = get_tokenizer(32)(texts)
     assert torch.equal(ids, clip[:, : ids.shape[1]]) and ids.shape[1] == 8  # trimmed after the longest <eot>
     assert pad.tolist()[1] == [False, False, False] + [True] * 5 and not pad[0].any()
-    assert (
-        (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == beit3_special_ids(cfg) == (49406, 49407, 0)
-    )
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == special_ids(cfg) == (49406, 49407, 0)
 
 
 def test_spm_configs_use_the_file(monkeypatch: pytest.MonkeyPatch, spm_paths) -> None:
     monkeypatch.setenv(SPM_ENV, str(spm_paths["unigram"]))
-    tok = beit3_tokenizer(spm_config())
+    tok = build_tokenizer(spm_config())
     assert isinstance(tok, BEiT3Tokenizer) and tok.spm_path == spm_paths["unigram"]
-    assert beit3_tokenizer(spm_config()) is tok  # loaded once
-    assert beit3_tokenizer(spm_config(), spm_paths["bpe"]).spm_path == spm_paths["bpe"]
-    assert beit3_special_ids(spm_config()) == (0, 2, 1)
+    assert build_tokenizer(spm_config()) is tok  # loaded once
+    assert build_tokenizer(spm_config(), spm_path=spm_paths["bpe"]).spm_path == spm_paths["bpe"]
+    assert special_ids(spm_config()) == (0, 2, 1)
 
 
 def test_default_beit3_config_uses_spm() -> None:
     from duomo.models.beit3 import BEiT3Config
 
     assert BEiT3Config().tokenizer == "beit3-spm"
-    assert beit3_special_ids(BEiT3Config()) == (0, 2, 1)
+    assert special_ids(BEiT3Config()) == (0, 2, 1)
 
 
 def test_vocabulary_must_fit_the_model(spm_paths) -> None:
     with pytest.raises(ConfigError, match="vocab_size is 50"):
-        beit3_tokenizer(spm_config(50), spm_paths["unigram"])
+        build_tokenizer(spm_config(50), spm_path=spm_paths["unigram"])
 
 
 def test_unknown_tokenizer_name() -> None:
     cfg = dataclasses.replace(get_beit3_config("beit3-micro"), tokenizer="gpt2")
-    with pytest.raises(ConfigError, match="unknown BEiT-3 tokenizer"):
-        beit3_tokenizer(cfg)
-    with pytest.raises(ConfigError, match="unknown BEiT-3 tokenizer"):
-        beit3_special_ids(cfg)
+    with pytest.raises(ConfigError, match="unknown tokenizer 'gpt2'"):
+        build_tokenizer(cfg)
+    with pytest.raises(ConfigError, match="tokenizer 'gpt2' has no start/end ids"):
+        special_ids(cfg)
 
 
 # ---- tasks: VQA and captioning route through the config's tokenizer ---------------------------------
+ANSWERS = ["red", "blue", "star", "yes", "no"]
+
+
 def test_vqa_questions_use_the_config_tokenizer(monkeypatch: pytest.MonkeyPatch, spm_paths) -> None:
     from PIL import Image
 
-    from duomo.models.beit3 import BEiT3
-    from duomo.tasks.beit3.vqa import VQAModel, answer, question_tokens, shapes_answers
+    from duomo.models.beit3 import BEiT3, VQAModel
+    from duomo.tasks.beit3.vqa import answer
 
     monkeypatch.delenv(SPM_ENV, raising=False)
     path = spm_paths["unigram"]
-    ids, pad = question_tokens(spm_config(), ["What color is the star?"], path)
+    ids, pad = build_tokenizer(spm_config(), spm_path=path).encode_with_padding(
+        ["What color is the star?"], 32
+    )
     want = BEiT3Tokenizer(path)("What color is the star?", 32)
     assert torch.equal(ids[0], want[0, : ids.shape[1]]) and not pad.any()
     torch.manual_seed(0)
-    model = VQAModel(BEiT3(spm_config()), shapes_answers())
+    model = VQAModel(BEiT3(spm_config()), ANSWERS)
     image = Image.new("RGB", (32, 32), "red")
     text, prob = answer(model, image, "what color is the star?", spm_path=path)
-    assert text in shapes_answers() and 0.0 <= prob <= 1.0
+    assert text in ANSWERS and 0.0 <= prob <= 1.0
     with pytest.raises(ConfigError, match=SPM_ENV):
         answer(model, image, "what color is the star?")
 
@@ -395,14 +397,13 @@ def test_vqa_questions_use_the_config_tokenizer(monkeypatch: pytest.MonkeyPatch,
 def test_caption_model_and_decoding_use_the_config_tokenizer(
     monkeypatch: pytest.MonkeyPatch, spm_paths
 ) -> None:
-    from duomo.tasks.beit3.caption import generate, new_caption_model
+    from duomo.models.beit3 import BEiT3, BEiT3ForCaptioning
+    from duomo.tasks.beit3.caption import generate
 
     monkeypatch.delenv(SPM_ENV, raising=False)
     torch.manual_seed(0)
-    model = new_caption_model(spm_config()).eval()
+    model = BEiT3ForCaptioning(BEiT3(spm_config()), *special_ids(spm_config())[:2]).eval()
     assert (model.sot_id, model.eot_id) == (0, 2)
-    clip_model = new_caption_model("beit3-micro")
-    assert (clip_model.sot_id, clip_model.eot_id) == (49406, 49407)
     images = torch.zeros(1, 3, 32, 32)
     [caption] = generate(model, images, max_len=3, spm_path=spm_paths["unigram"])
     assert isinstance(caption, str)
@@ -410,26 +411,32 @@ def test_caption_model_and_decoding_use_the_config_tokenizer(
         generate(model, images, max_len=3)
 
 
-def test_shapes_task_data_tokenize_per_config(monkeypatch: pytest.MonkeyPatch, spm_paths) -> None:
-    """CLIP configs give `duomo.train.mdm.tokenize`'s ids exactly; SentencePiece ones BEiT3Tokenizer's."""
-    from duomo.train.mdm import tokenize
-
-    from duomo.tasks.beit3.caption import ShapesCaptions
-    from duomo.tasks.beit3.vqa import QUESTION_LENGTH, ShapesVQA, shapes_answers
+def test_task_tables_tokenize_per_config(monkeypatch: pytest.MonkeyPatch, spm_paths) -> None:
+    """CLIP configs give CLIP's ids exactly; SentencePiece ones BEiT3Tokenizer's."""
+    from duomo.data.tokenizers.clip import get_tokenizer
+    from duomo.tasks.beit3.data import (
+        caption_source,
+        caption_table,
+        caption_vocabulary,
+        vqa_source,
+        vqa_table,
+    )
 
     monkeypatch.delenv(SPM_ENV, raising=False)
     clip_cfg = get_beit3_config("beit3-micro")
-    vqa = ShapesVQA("train", 2, clip_cfg, shapes_answers(), max_objects=1)
-    for got, want in zip((vqa.ids, vqa.padding), tokenize(vqa.questions, QUESTION_LENGTH), strict=True):
-        assert torch.equal(got, want)
-    caps = ShapesCaptions("train", 2, clip_cfg, max_objects=1)
-    assert caps.sot_id == 49406 and 49406 not in caps.vocabulary()
+    vqa = vqa_table(vqa_source("shapes", clip_cfg, 2), clip_cfg)
+    clip_ids = get_tokenizer(32)(vqa.texts)
+    n = vqa.columns["tokens"].shape[1]
+    assert torch.equal(vqa.columns["tokens"], clip_ids[:, :n])
+    caps = caption_table(caption_source("shapes", clip_cfg, 2), clip_cfg)
+    assert 49406 not in caption_vocabulary(caps, 49406) and 49407 in caption_vocabulary(caps, 49406)
 
     path = spm_paths["unigram"]
-    vqa = ShapesVQA("train", 2, spm_config(), shapes_answers(), max_objects=1, spm_path=path)
-    ids, pad = BEiT3Tokenizer(path).encode_with_padding(vqa.questions, QUESTION_LENGTH)
-    assert torch.equal(vqa.ids, ids) and torch.equal(vqa.padding, pad)
-    caps = ShapesCaptions("train", 2, spm_config(), max_objects=1, spm_path=path)
-    assert caps.sot_id == 0 and 0 not in caps.vocabulary() and 2 in caps.vocabulary()
+    vqa = vqa_table(vqa_source("shapes", spm_config(), 2), spm_config(), spm_path=path)
+    ids, pad = BEiT3Tokenizer(path).encode_with_padding(vqa.texts, 32)
+    assert torch.equal(vqa.columns["tokens"][:, : ids.shape[1]], ids)
+    assert torch.equal(vqa.columns["padding_mask"][:, : pad.shape[1]], pad)
+    caps = caption_table(caption_source("shapes", spm_config(), 2), spm_config(), path)
+    assert 0 not in caption_vocabulary(caps, 0) and 2 in caption_vocabulary(caps, 0)
     with pytest.raises(ConfigError, match=SPM_ENV):
-        ShapesVQA("train", 2, spm_config(), shapes_answers(), max_objects=1)
+        vqa_table(vqa_source("shapes", spm_config(), 2), spm_config())
