@@ -163,7 +163,7 @@ class CLIPTokenizer:
         return self.eot_token_id
 
     def encode_with_padding(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [N, T], padding mask [N, T], True at padding), trimmed to the longest text (<sot> .. <eot>)."""
+        """(ids [N, T], padding mask [N, T], True at padding), trimmed to the longest text."""
         ids = self(texts, context_length)
         eot = (ids == self.eot_token_id).int().argmax(1)
         pad = torch.arange(ids.shape[1]).unsqueeze(0) > eot.unsqueeze(1)
