@@ -39,12 +39,17 @@ for _name in COMMAND_MODULES:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app and turns duomo errors into one red line and exit code 1."""
+    """Entry point: runs the app; duomo errors and OS errors (a missing folder, a full or read-only disk)
+    become one red line and exit code 1, an interrupt exit code 130, a command's own exit code is kept."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n
     except DuomoError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
+    except OSError as exc:
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        err_console.print(f"[red]error:[/red] {exc.strerror or exc}{where}", highlight=False)
         return 1
     except (typer.Exit, SystemExit) as exc:
         return int(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return int(exc.exit_code)
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

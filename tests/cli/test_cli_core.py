@@ -102,3 +102,25 @@ def test_errors_are_one_line_without_traceback(argv, message, photos, tmp_path, 
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and message.lower() in err.lower()
+
+
+def test_a_commands_exit_code_is_kept(tmp_path, capsys) -> None:  # noqa: ANN001
+    """`duomo embed` of only corrupt files raises typer.Exit(1): the process must exit 1, not 0."""
+    from duomo.cli import main
+
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    code = main(["embed", str(tmp_path / "bad.png"), "-o", str(tmp_path / "out.npy")])
+    assert code == 1, capsys.readouterr()
+
+
+def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    import duomo.cli.data as data_cli
+    from duomo.cli import main
+
+    def full_disk(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(28, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(data_cli, "export_dataset", full_disk)
+    assert main(["data", "export", "shapes", str(tmp_path / "x"), "--size", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
