@@ -67,12 +67,14 @@ def embed(
 ) -> None:
     """Embed image files/folders or texts and write L2-normalised vectors to .npy or .parquet."""
     from duomo.api import load
+    from duomo.cli.paths import check_out_file
     from duomo.data.files import iter_image_files
     from duomo.errors import InputError
     from duomo.tasks.clip.embed import embed_image_files, write_embeddings
 
     if out.exists() and not overwrite:  # fail before the work, not after it
         raise InputError(f"{out} exists; pass --overwrite to replace it")
+    check_out_file(out)
     pipe = load(model, weights=weights, device=device)
     if text:
         keys, vectors, failures = list(inputs), pipe.encode_text(list(inputs), batch_size).numpy(), {}
@@ -85,10 +87,10 @@ def embed(
         keys, vectors, failures = result.paths, result.embeddings, result.failures
     for path, reason in failures.items():
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
+    if not keys:  # nothing to write: say so and exit 1, leaving any earlier output alone
+        raise InputError(f"none of the {len(failures)} images could be read; nothing written to {out}")
     written = write_embeddings(out, keys, vectors, overwrite=overwrite)
     console.print(f"wrote {len(keys)} × {vectors.shape[1]} embeddings to {', '.join(map(str, written))}")
-    if failures and not keys:
-        raise typer.Exit(1)
 
 
 def classify(

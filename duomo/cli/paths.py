@@ -27,3 +27,15 @@ def check_out_dir(out: Path, keep: bool) -> None:
             pass
     except OSError as exc:
         raise InputError(f"cannot write to {parent}: {exc.strerror or exc}; choose another --out") from exc
+
+
+def check_out_file(out: Path) -> None:
+    """`out` may be written as a file: not a folder, and its folder (or the nearest existing parent) is
+    a writable folder."""
+    if out.is_dir():
+        raise InputError(f"{out} is a folder; give a file name")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise InputError(f"cannot write {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write to {parent}: permission denied; choose another output")

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from duomo.data.images import ImageLike, load_image, to_rgb
-from duomo.errors import InputError
+from duomo.errors import ImageError, InputError
+from duomo.limits import MAX_ASPECT_RATIO
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's, = open_clip.OPENAI_DATASET_MEAN
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -63,6 +64,7 @@ class ImageTransform:
         from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
         size, mode = self.image_size, InterpolationMode(self.interpolation)
+        check_aspect(img)
         if self.crop_scale is not None:
             # OpenCLIP's train transform always crops with bicubic, whatever the eval interpolation
             top, left, h, w = RandomResizedCrop.get_params(img, list(self.crop_scale), list(_RATIO))
@@ -80,6 +82,18 @@ class ImageTransform:
             f"train, crop_scale={self.crop_scale}" if self.crop_scale else f"resize_mode={self.resize_mode!r}"
         )
         return f"ImageTransform(image_size={self.image_size}, interpolation={self.interpolation!r}, {kind})"
+
+
+def check_aspect(img: Image.Image) -> None:
+    """Refuse an image too thin to resize: scaling its shortest side up to the model's size would make it
+    `aspect` times as long as wide (a 200000x1 PNG of 275 bytes would become 12.8M x 64 pixels, gigabytes,
+    before the crop). The bound is on the work, so it holds whatever the image's orientation."""
+    short, long = sorted(img.size)
+    if short < 1 or long > MAX_ASPECT_RATIO * short:
+        raise ImageError(
+            f"image is {img.width}x{img.height}: longer than {MAX_ASPECT_RATIO}:1, too thin to resize and "
+            "center-crop; crop it to the part that matters first"
+        )
 
 
 def image_transform(

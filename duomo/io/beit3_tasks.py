@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from duomo.errors import CheckpointError, ConfigError
+from duomo.io.bounds import check_model_fits
 from duomo.io.files import load_weights, read_json, save_safetensors, write_json
 from duomo.models.beit3 import (
     BEiT3,
@@ -92,8 +93,8 @@ def save_task(model: nn.Module, path: str | Path, task: str, **meta: Any) -> Pat
 def build_task_model(config: dict[str, Any]) -> nn.Module:
     """A randomly initialised task model shaped as a task folder's config says."""
     task = config["task"]
-    backbone = BEiT3(BEiT3Config.from_dict(config["beit3"]))
     try:
+        backbone = BEiT3(BEiT3Config.from_dict(config["beit3"]))
         if task == "mdm":
             return BEiT3ForMDM(backbone, config.get("tie_lm_head", True))
         if task == "vqa":
@@ -127,6 +128,9 @@ def load_task(path: str | Path, task: str | None = None) -> tuple[nn.Module, dic
     """(model in eval mode, its config) of a task folder; weights loaded strictly (named mismatches)."""
     path = Path(path)
     config = read_task_config(path, task)
+    if not (path / "model.safetensors").is_file():
+        raise CheckpointError(f"{path} has no model.safetensors; is the folder complete?")
+    check_model_fits(lambda: build_task_model(config), [path / "model.safetensors"], str(path))
     model = build_task_model(config)
     state = load_weights(path / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)

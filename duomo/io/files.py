@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from duomo.errors import CheckpointError
+from duomo.limits import MAX_ZIP_RATIO
 
 StateDict = dict[str, torch.Tensor]
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -56,6 +57,39 @@ def clean_state_dict(obj: Any, source: str = "checkpoint") -> StateDict:
     return out
 
 
+def check_zip_entries(path: str | os.PathLike) -> None:
+    """Refuse a zip (torch or TorchScript checkpoint) with an entry that would decompress to more than
+    MAX_ZIP_RATIO times its stored size: torch writes entries uncompressed, so such an entry is a bomb, and
+    it would be inflated whole before any tensor is checked."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path} is a damaged zip archive ({exc}); download it again") from exc
+    for info in infos:
+        stored = max(info.compress_size, 1)
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_ZIP_RATIO * stored + (1 << 20):
+            raise CheckpointError(
+                f"{path}: entry {info.filename!r} would inflate from {info.compress_size:,} to "
+                f"{info.file_size:,} bytes; refusing a checkpoint that compresses this well (a zip bomb?)"
+            )
+
+
+def check_tensor_storage(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse tensors that claim more elements than their storage holds (a stride-0 or overlapping view of
+    a small storage, which `.contiguous()` would expand to any size)."""
+    for name, tensor in sd.items():
+        needed = tensor.numel() * tensor.element_size()
+        held = tensor.untyped_storage().nbytes()
+        if needed > held:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} of shape {tuple(tensor.shape)} needs {needed:,} bytes but its "
+                f"data holds {held:,} (a strided view); re-save the state dict with contiguous tensors"
+            )
+
+
 def load_weights(path: str | os.PathLike) -> StateDict:
     """Read a .safetensors file or a torch state dict (weights only) into a cleaned flat state dict."""
     path = Path(path)
@@ -70,6 +104,7 @@ def load_weights(path: str | os.PathLike) -> StateDict:
             ) from exc
     if is_torchscript(path):
         raise CheckpointError(f"{path} is a TorchScript archive; read it with duomo.io.read_torchscript")
+    check_zip_entries(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -89,7 +124,9 @@ def load_weights(path: str | os.PathLike) -> StateDict:
             f"{path} is not a readable torch checkpoint ({reason}); "
             "it may be truncated or corrupt: download or export it again"
         ) from exc
-    return clean_state_dict(obj, str(path))
+    state = clean_state_dict(obj, str(path))
+    check_tensor_storage(state, str(path))
+    return state
 
 
 def safetensors_keys(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from duomo.errors import CheckpointError, ConfigError
+from duomo.io.bounds import check_model_fits, shard_files
 from duomo.io.files import StateDict, load_weights, read_json, save_safetensors, write_json
 from duomo.io.native import model_config
 from duomo.io.openclip import mlp_ratio
-from duomo.models import CLIPConfig, TextConfig
+from duomo.models import CLIPConfig, TextConfig, create_model
 
 # (HF name, duomo name) outside the encoder stacks.
 TOP_LEVEL = [
@@ -176,7 +177,7 @@ def hf_config_to_duomo(
                 "init_logit_scale": config.get("logit_scale_init_value", 2.6592),
             }
         )
-    except (ConfigError, TypeError, ZeroDivisionError) as exc:
+    except (ConfigError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
         raise CheckpointError(f"malformed HF CLIP config: {exc}") from exc
 
 
@@ -263,16 +264,16 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return data.get("model_type") == "clip" or ("vision_config" in data and "text_config" in data)
 
 
-def _hf_weights(directory: Path) -> StateDict:
-    """model.safetensors, its sharded form (model.safetensors.index.json), or pytorch_model.bin."""
+def _hf_weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, its shards (model.safetensors.index.json, kept inside the folder), or
+    pytorch_model.bin."""
     index = directory / "model.safetensors.index.json"
     if (directory / "model.safetensors").is_file():
-        return load_weights(directory / "model.safetensors")
+        return [directory / "model.safetensors"]
     if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        return {k: v for shard in shards for k, v in load_weights(directory / shard).items()}
+        return shard_files(index)
     if (directory / "pytorch_model.bin").is_file():
-        return load_weights(directory / "pytorch_model.bin")
+        return [directory / "pytorch_model.bin"]
     raise CheckpointError(
         f"{directory} has no model.safetensors or pytorch_model.bin next to its config.json"
     )
@@ -285,7 +286,9 @@ def read_hf(directory: str | os.PathLike) -> tuple[CLIPConfig, StateDict]:
     cfg = hf_config_to_duomo(
         read_json(directory / "config.json"), read_json(preprocessor) if preprocessor.is_file() else None
     )
-    return cfg, hf_to_duomo(_hf_weights(directory))
+    files = _hf_weight_files(directory)
+    check_model_fits(lambda: create_model(cfg), files, str(directory))  # before any weight is read
+    return cfg, hf_to_duomo({k: v for f in files for k, v in load_weights(f).items()})
 
 
 def export_hf(model: nn.Module, out_dir: str | os.PathLike) -> Path:

@@ -10,8 +10,9 @@ from typing import Any
 from torch import nn
 
 from duomo.errors import CheckpointError, ConfigError
+from duomo.io.bounds import check_model_fits
 from duomo.io.files import StateDict, load_weights, read_json, safetensors_keys, save_safetensors, write_json
-from duomo.models import CLIPConfig
+from duomo.models import CLIPConfig, create_model
 
 FORMAT, VERSION = "duomo", 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -90,4 +91,5 @@ def load_native(directory: str | os.PathLike) -> tuple[CLIPConfig, StateDict, di
     from duomo.io.text_towers import restore_package_weights
 
     meta = dict(data.get("meta") or {})
+    check_model_fits(lambda: create_model(cfg), [weights_path], str(directory))  # before allocating
     return cfg, restore_package_weights(cfg.text, load_weights(weights_path), meta), meta

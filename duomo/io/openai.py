@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from duomo.errors import CheckpointError
-from duomo.io.files import StateDict
+from duomo.io.files import StateDict, check_tensor_storage, check_zip_entries
 
 STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -193,6 +193,7 @@ def _collect(
 
 def read_torchscript(path: str | os.PathLike) -> StateDict:
     """Flat state dict (parameters and buffers, as `ScriptModule.state_dict()`) of a TorchScript archive."""
+    check_zip_entries(path)
     try:
         with zipfile.ZipFile(path) as archive:
             prefix = _archive_prefix(archive)
@@ -218,4 +219,5 @@ def read_torchscript(path: str | os.PathLike) -> StateDict:
         raise CheckpointError(f"{path} is not a readable TorchScript model archive ({exc})") from exc
     if not out:
         raise CheckpointError(f"{path} holds no tensors")
+    check_tensor_storage(out, str(path))
     return {k: v.contiguous() for k, v in out.items()}

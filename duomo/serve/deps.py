@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
+from duomo.limits import MAX_JSON_DEPTH
 from duomo.serve.errors import ApiError
 from duomo.serve.settings import ServeSettings
 from duomo.serve.state import ServerState
@@ -124,11 +125,26 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise ApiError(400, "the request body is empty; send a JSON object")
     try:
         data = json.loads(raw)
+    except RecursionError as exc:  # the C parser gives up near 1000 levels; a 500 before this
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     return data
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 async def read_form(request: Request, settings: ServeSettings) -> FormData:

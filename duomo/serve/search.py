@@ -153,6 +153,10 @@ class IndexService:
             candidates += [str(root / ref) for root in self.roots()]
         real_roots = [Path(os.path.realpath(r)) for r in self.roots()]
         for candidate in candidates:
+            # "/root/link/../x.png" names one file textually and another through the symlink: only a path
+            # with no "." or ".." parts is the file whose text was indexed
+            if os.path.normpath(candidate) != candidate:
+                raise ImageAccessError("image paths must be plain, without '.' or '..' parts", 403)
             if not self.is_indexed(candidate):
                 continue
             real = Path(os.path.realpath(candidate))

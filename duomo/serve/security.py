@@ -30,6 +30,15 @@ def key_matches(given: str, keys: Iterable[str]) -> bool:
     return found
 
 
+def is_authorized(request: Request) -> bool:
+    """Whether a request may see what only key holders see: no keys set, or it sends a valid one."""
+    keys: list[str] = request.app.state.settings.api_keys
+    if not keys:
+        return True
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and bool(token.strip()) and key_matches(token.strip(), keys)
+
+
 async def require_api_key(request: Request) -> None:
     """FastAPI dependency: when the server has API keys, the request must send `Authorization: Bearer KEY`."""
     keys: list[str] = request.app.state.settings.api_keys

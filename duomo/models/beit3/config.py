@@ -15,6 +15,7 @@ from typing import Any
 
 from duomo.errors import ConfigError
 from duomo.models.factory import list_models, read_config_json
+from duomo.models.validate import check_fields
 
 CONFIG_DIR = resources.files("duomo.models") / "configs"
 ARCHITECTURE = "beit3"  # the "architecture" field of a BEiT-3 config JSON
@@ -53,6 +54,7 @@ class BEiT3Config:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
+        check_fields(self, "beit3")
         if self.stem not in ("patch", "conv"):
             raise ConfigError(f"unknown vision stem {self.stem!r}; choose 'patch' or 'conv'")
         if self.image_size % self.patch_size != 0:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from duomo.errors import ConfigError
+from duomo.models.validate import check_fields
 
 
 @dataclass
@@ -26,6 +27,13 @@ class VisionConfig:
     norm_eps: float = 1e-5
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "vision")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
 
 
 @dataclass
@@ -46,6 +54,9 @@ class TextConfig:
     tokenizer: str = "clip"
     extra: dict[str, Any] = field(default_factory=dict)  # options of non-default kinds
 
+    def __post_init__(self) -> None:
+        check_fields(self, "text")
+
 
 @dataclass
 class CLIPConfig:
@@ -57,6 +68,9 @@ class CLIPConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # set for SigLIP-style models
 
+    def __post_init__(self) -> None:
+        check_fields(self, "model")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return dataclasses.asdict(self)
@@ -64,7 +78,15 @@ class CLIPConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
         """Build from duomo's JSON layout; OpenCLIP's (`vision_cfg`, `text_cfg`, `quick_gelu`) works too."""
-        data = dict(data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
+        try:
+            return cls._from_dict(dict(data))
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+            raise ConfigError(f"malformed model config: {exc}") from exc
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
         quick_gelu = data.pop("quick_gelu", False)
         vision = dict(data.pop("vision", data.pop("vision_cfg", {})) or {})
         text = dict(data.pop("text", data.pop("text_cfg", {})) or {})

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from duomo.serve.deps import State
 from duomo.serve.schemas import HealthResponse
+from duomo.serve.security import is_authorized
 from duomo.serve.settings import ServeSettings
 
 router = APIRouter()
@@ -26,9 +27,17 @@ def limits(s: ServeSettings) -> dict[str, int]:
     }
 
 
+def _index_view(index: dict | None, authorized: bool) -> dict | None:
+    """The index description, without server paths for an unauthenticated caller."""
+    if index is None or authorized:
+        return index
+    return {k: (None if k == "path" else v) for k, v in index.items() if k != "roots"}
+
+
 @router.get("/healthz", response_model=HealthResponse)
-async def healthz(state: State) -> JSONResponse:
-    """Liveness: model, index, queues and limits."""
+async def healthz(request: Request, state: State) -> JSONResponse:
+    """Liveness: model, index, queues and limits. With API keys on, where the index and the indexed folders
+    lie (paths on the server's disk) is shown to callers that send a key only."""
     model = state.model
     queues = {
         b.name: {"depth": b.depth, "max_queue": b.max_queue, "running": b.running}
@@ -40,7 +49,7 @@ async def healthz(state: State) -> JSONResponse:
             "model": model.name,
             "embed_dim": model.dim,
             "auth_required": bool(state.settings.api_keys),
-            "index": await run_in_threadpool(state.index.describe),
+            "index": _index_view(await run_in_threadpool(state.index.describe), is_authorized(request)),
             "tasks": state.tasks.describe(),
             "queues": queues,
             "limits": limits(state.settings),

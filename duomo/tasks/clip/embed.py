@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,20 +86,37 @@ def write_embeddings(
     if existing and not overwrite:
         raise InputError(f"{existing[0]} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if out.suffix == ".npy":
-        with open(tmp, "wb") as f:
-            np.save(f, embeddings)
-        keys_tmp = tmp.with_name(tmp.name + ".keys")
-        keys_tmp.write_text(json.dumps(list(keys), ensure_ascii=False))
-        os.replace(keys_tmp, written[1])
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    temps: list[str] = []
 
-        table = pa.table(
-            {"key": list(keys), "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32()))}
-        )
-        pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    def temp(target: Path) -> str:
+        """A unique temporary sibling of `target` (two runs never share one), removed unless renamed."""
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        temps.append(name)
+        return name
+
+    try:
+        if out.suffix == ".npy":
+            vectors_tmp, keys_tmp = temp(out), temp(written[1])
+            with open(vectors_tmp, "wb") as f:
+                np.save(f, embeddings)
+            Path(keys_tmp).write_text(json.dumps(list(keys), ensure_ascii=False), encoding="utf-8")
+            # both files are complete before either replaces what was there; vectors first, keys last, so
+            # a reader that finds the new keys finds the new vectors (and len(keys) == rows either way)
+            os.replace(vectors_tmp, out)
+            os.replace(keys_tmp, written[1])
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.table(
+                {"key": list(keys), "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32()))}
+            )
+            table_tmp = temp(out)
+            pq.write_table(table, table_tmp)
+            os.replace(table_tmp, out)
+    finally:
+        for name in temps:
+            if os.path.exists(name):
+                os.unlink(name)
     return written
