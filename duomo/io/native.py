@@ -88,8 +88,9 @@ def load_native(directory: str | os.PathLike) -> tuple[CLIPConfig, StateDict, di
         cfg = CLIPConfig.from_dict(data.get("model") or {})
     except ConfigError as exc:
         raise CheckpointError(f"{config_path}: {exc}") from exc
-    from duomo.io.text_towers import restore_package_weights
+    from duomo.io.text_towers import package_files, restore_package_weights
 
     meta = dict(data.get("meta") or {})
-    check_model_fits(lambda: create_model(cfg), [weights_path], str(directory))  # before allocating
+    files = [weights_path, *package_files(cfg.text, meta)]  # a LiT tower's encoder comes from its package
+    check_model_fits(lambda: create_model(cfg), files, str(directory))  # before allocating
     return cfg, restore_package_weights(cfg.text, load_weights(weights_path), meta), meta

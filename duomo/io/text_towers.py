@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 import duomo.io.minilm as minilm
-from duomo.errors import CheckpointError
+from duomo.errors import CheckpointError, ConfigError
 from duomo.models import create_model
 from duomo.models.clip.config import CLIPConfig, TextConfig
 
@@ -71,3 +72,13 @@ def restore_package_weights(text_cfg: TextConfig, state: State, meta: dict[str, 
             )
         return dict(state)
     return hooks.restore(text_cfg, state, meta or {})
+
+
+def package_files(text_cfg: TextConfig, meta: dict[str, Any] | None) -> list[Path]:
+    """The package weight files a checkpoint's meta says it left out (they count as its weights)."""
+    if not (meta or {}).get(minilm.PACKAGE_META_KEY) or _hooks(text_cfg) is None:
+        return []
+    try:
+        return [minilm.model_dir(text_cfg) / minilm.WEIGHTS_FILE]
+    except ConfigError:
+        return []  # restoring will say what is missing

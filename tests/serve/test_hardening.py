@@ -76,7 +76,7 @@ def test_healthz_shows_paths_to_key_holders_only(make_client, image_index) -> No
 def test_a_symlinked_folder_does_not_expose_a_non_indexed_file(
     tmp_path: Path, make_client: Callable[..., TestClient], pipeline: duomo.Pipeline
 ) -> None:
-    """"/photos/link/../a.png" is textually the indexed /photos/a.png, but the file it names is
+    """ "/photos/link/../a.png" is textually the indexed /photos/a.png, but the file it names is
     /photos/sub/a.png (link -> sub/deeper), added after indexing: it must not be served."""
     from duomo.index import ImageIndex
 
