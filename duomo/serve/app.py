@@ -152,4 +152,38 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.openapi = lambda: schema_as_served(app)  # type: ignore[method-assign]
     return app
+
+
+# Statuses a route answers besides the shared ones (routes.ERRORS), so the schema says what really happens.
+EXTRA_STATUSES = {"/images/{ref}": (403,), "/vqa": (504,), "/caption": (504,)}
+
+
+def schema_as_served(app: FastAPI) -> dict:
+    """FastAPI's OpenAPI schema, corrected to what the server does: invalid parameters are 400 (the error
+    handlers turn FastAPI's 422 into 400), /images answers 403 for paths outside the index, /vqa and
+    /caption 504 past their time limit."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            invalid = responses.pop("422", None)
+            if invalid is not None and "400" not in responses:
+                responses["400"] = {
+                    "description": "Bad Request",
+                    "content": {"application/json": {"schema": error}},
+                }
+            for status in EXTRA_STATUSES.get(path, ()):
+                responses.setdefault(
+                    str(status), {"description": "Error", "content": {"application/json": {"schema": error}}}
+                )
+    schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+    schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+    app.openapi_schema = schema
+    return schema

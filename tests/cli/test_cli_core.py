@@ -124,3 +124,24 @@ def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:  # noqa:
     assert main(["data", "export", "shapes", str(tmp_path / "x"), "--size", "2"]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["embed", "index"])
+def test_an_interrupt_exits_130(tmp_path, monkeypatch, capsys, command: str) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    import duomo.api
+    from duomo.cli import main
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(duomo.api, "load", interrupted)
+    argv = {
+        "embed": ["embed", str(tmp_path / "a.png"), "-o", str(tmp_path / "o.npy")],
+        "index": ["index", str(tmp_path), "--index", str(tmp_path / "idx")],
+    }[command]
+    assert main(argv) == 130
+    assert "Traceback" not in capsys.readouterr().err

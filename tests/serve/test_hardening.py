@@ -94,3 +94,34 @@ def test_a_symlinked_folder_does_not_expose_a_non_indexed_file(
     sneaky = str(photos / "link") + "/../a.png"
     r = client.get(f"/images/{id_for_path(sneaky)}")
     assert r.status_code == 403, r.status_code
+
+
+def test_a_thin_image_in_a_folder_is_a_failed_row_of_the_index(
+    tmp_path: Path, pipeline: duomo.Pipeline
+) -> None:
+    from duomo.index import ImageIndex
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "thin.png").write_bytes(thin_png(200000, 1))
+    (photos / "ok.png").write_bytes(png_bytes())
+    idx = ImageIndex.open(tmp_path / "index", pipeline)
+    idx.update([photos], progress=False)
+    failures = dict(idx.failures())
+    idx.close()
+    assert list(failures) == [str(photos / "thin.png")] and "too thin" in failures[str(photos / "thin.png")]
+
+
+def test_the_schema_documents_what_the_server_answers(make_client) -> None:  # noqa: ANN001
+    client = make_client()
+    spec = client.get("/openapi.json").json()
+    statuses = {
+        (method, path): set(op["responses"])
+        for path, ops in spec["paths"].items()
+        for method, op in ops.items()
+    }
+    assert not [k for k, v in statuses.items() if "422" in v]  # invalid parameters are 400 here
+    assert "403" in statuses[("get", "/images/{ref}")]
+    assert "504" in statuses[("post", "/vqa")] and "504" in statuses[("post", "/caption")]
+    r = client.get("/search", params={"k": "many"})  # what a 422 would have been
+    assert r.status_code in (400, 503)
