@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from typing import Any
 
@@ -35,7 +36,7 @@ def check_value(section: str, name: str, kind: Any, value: Any) -> None:
     """One field: its value must be of the annotated kind (and a sane size)."""
     where = f"{section}.{name}"
     origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None:
             return
         kind = next(a for a in args if a is not type(None))
