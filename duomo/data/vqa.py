@@ -157,6 +157,16 @@ class VQAData(Dataset):
         """Number of questions."""
         return len(self.records)
 
+    def load(self, index: int) -> dict[str, Any]:
+        """One question with its decoded image; ImageError when the image is unreadable."""
+        rec = self.records[index]
+        return {
+            "image": load_image(rec.image),
+            "question": rec.question,
+            "answers": rec.answers,
+            "key": rec.image,
+        }
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One question with its decoded image, or the next readable one."""
         n = len(self.records)

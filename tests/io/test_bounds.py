@@ -114,6 +114,7 @@ def test_shard_indexes_stay_inside_their_folder(tmp_path: Path, shard: object) -
         duomo.load(folder)
 
 
+@pytest.mark.slow
 def test_the_bounds_keep_peak_memory_small(tmp_path: Path) -> None:
     """The issue's measure: peak RSS grows by under 100 MB loading each crafted file."""
     torch.save({"w": torch.zeros(1).expand(200_000, 200_000)}, tmp_path / "s0.pt")

@@ -155,8 +155,11 @@ def test_cli_trains_on_a_users_vqa_manifest_and_ask_answers_with_it(tmp_path, ca
         f"train={manifest}",
     ]
     assert main(args) == 0
-    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    assert "skipped 2 bad or unusable rows" in captured.err  # the empty question and the corrupt image
+    record = json.loads(captured.out.strip().splitlines()[-1])
     assert record["split"] == "train" and 0 <= record["accuracy"] <= 1
+    assert record["questions"] == 24  # 12 images x 2 questions; the broken image's row is not duplicated
     model, config = load_task(out, "vqa")
     assert "blob" in model.answers and "red" in model.answers  # the vocabulary comes from the data
     assert config["data"] == manifest
@@ -211,3 +214,41 @@ def test_the_exported_shapes_manifest_gives_the_built_in_table(tmp_path) -> None
     for key, value in built_in.columns.items():
         assert torch.equal(exported.columns[key], value), key
     assert torch.equal(exported.image_index, built_in.image_index)
+
+
+@pytest.mark.slow
+def test_caption_and_classify_train_on_users_own_files(tmp_path, capsys) -> None:  # noqa: ANN001
+    """Captions from a pair manifest; classes from an ImageFolder tree with a corrupt file in it."""
+    ds = ShapesDataset("train", 12, image_size=32, max_objects=1)
+    pairs, tree = tmp_path / "pairs", tmp_path / "tree"
+    pairs.mkdir()
+    lines = ["image,caption"]
+    for i in range(12):
+        sample = ds[i]
+        sample["image"].save(pairs / f"{i}.png")
+        lines.append(f"{i}.png,{sample['text']}")
+        (tree / sample["label_name"].split()[0]).mkdir(parents=True, exist_ok=True)
+        sample["image"].save(tree / sample["label_name"].split()[0] / f"{i}.png")
+    (pairs / "captions.csv").write_text("\n".join(lines) + "\n")
+    colour = next(p for p in tree.iterdir())
+    (colour / "broken.png").write_bytes(b"not a png")
+    base = ["--config", "beit3-micro", "--steps", "2", "--batch-size", "4"]
+    out = tmp_path / "cap"
+    assert (
+        main(["beit3-train", "caption", "--data", str(pairs / "captions.csv"), "--out", str(out), *base]) == 0
+    )
+    model, _ = load_task(out, "caption")
+    assert model.vocab is not None and len(model.vocab) > 3
+    out = tmp_path / "cls"
+    args = ["beit3-train", "classify", "--data", str(tree), "--out", str(out), "--eval-data", f"train={tree}"]
+    assert main([*args, *base]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 bad or unusable rows" in captured.err
+    record = json.loads(captured.out.strip().splitlines()[-1])
+    assert record["split"] == "train" and 0 <= record["accuracy"] <= 1
+    model, config = load_task(out, "classify")
+    assert model.classes == sorted(p.name for p in tree.iterdir()) and config["label"] == "class"
+    import duomo
+
+    [[(label, prob)]] = duomo.load(out).classify(str(colour / next(colour.glob("*[0-9].png")).name))
+    assert label in model.classes and 0 <= prob <= 1

@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from duomo.data.catalog import open_pairs, read_export_meta
-from duomo.data.pairs import MANIFEST_FORMATS, ImageFolderDataset, ManifestPairs
+from duomo.data.pairs import MANIFEST_FORMATS, ImageFolderDataset, ManifestPairs, RecordDataset
 from duomo.data.shapes import COLOURS, SHAPES, ShapesDataset, class_names
 from duomo.data.tokenizers import build_tokenizer
 from duomo.data.transforms import image_transform
 from duomo.data.vqa import VQAData, VQARecord, build_answer_vocabulary, soft_scores
-from duomo.errors import InputError
+from duomo.errors import ImageError, InputError
 from duomo.models.beit3 import BEiT3Config
 
 TEXT_LENGTH = 32  # tokens, with start/end ids; shapes questions and captions use at most ~14
@@ -82,9 +82,17 @@ class ImageCache:
 
 
 def _iterate(dataset: Dataset) -> Any:
-    """Samples of a map-style or streaming dataset, in order."""
+    """Samples of a map-style or streaming dataset, in order; a file dataset's unreadable samples are
+    skipped and counted (not replaced by their neighbour, which would duplicate it)."""
     if isinstance(dataset, IterableDataset):
         yield from dataset
+    elif isinstance(dataset, RecordDataset | VQAData):
+        for i in range(len(dataset)):
+            try:
+                yield dataset.load(i)
+            except (ImageError, OSError, ValueError) as err:
+                record = dataset.records[i]
+                dataset.skipped.add(getattr(record, "key", None) or record.image, str(err))
     else:
         for i in range(len(dataset)):
             yield dataset[i]
