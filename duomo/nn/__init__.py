@@ -1,6 +1,6 @@
 """Building blocks: attention, Transformer blocks and stacks. Pure tensors, no I/O."""
 
-from duomo.nn.attention import MultiHeadAttention, attend, causal_mask, reference_attention
+from duomo.nn.attention import MultiHeadAttention, attend, causal_mask, reference_attention, split_heads
 from duomo.nn.transformer import MLP, QuickGELU, Transformer, TransformerBlock, make_activation, run_blocks
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "make_activation",
     "reference_attention",
     "run_blocks",
+    "split_heads",
 ]

@@ -41,6 +41,12 @@ def attend(
     return reference_attention(q, k, v, attn_mask)
 
 
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, C] -> [B, heads, T, C // heads]."""
+    b, t, c = x.shape
+    return x.view(b, t, num_heads, c // num_heads).transpose(1, 2)
+
+
 def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
     """Boolean [T, T] mask where position i may attend to positions <= i."""
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()
@@ -61,8 +67,7 @@ class MultiHeadAttention(nn.Module):
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, C] -> [B, heads, T, head_dim]."""
-        b, t, _ = x.shape
-        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        return split_heads(x, self.num_heads)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attend over the sequence x [B, T, C]; `attn_mask` as in `reference_attention`."""

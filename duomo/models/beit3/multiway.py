@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from duomo.nn import attend, make_activation, run_blocks
+from duomo.nn import attend, make_activation, run_blocks, split_heads
 
 
 @dataclass
@@ -160,8 +160,7 @@ class MultiwayAttention(nn.Module):
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, C] -> [B, heads, T, head_dim]."""
-        b, t, _ = x.shape
-        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        return split_heads(x, self.num_heads)
 
     def forward(
         self,
