@@ -100,11 +100,13 @@ class Trainer:
         body: str | None = None,
         export: Callable[[nn.Module, Path], Path] | None = None,
         find_unused: bool = False,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
     ) -> None:
         """`freeze`: submodules kept fixed and in eval mode (default: the towers `cfg.lock_*` names);
         `body`: the parameter-name prefix of the pretrained body (e.g. "beit3."), outside which parameters
         learn at `cfg.head_lr_weight` times the rate; `export(model, out)`: writes the final model (default:
-        duomo's native CLIP folder OUT/model); `find_unused`: see `wrap_ddp`."""
+        duomo's native CLIP folder OUT/model); `find_unused`: see `wrap_ddp`; `on_step(step, stats)`: called
+        after every optimiser step (per-epoch validation of fine-tuning, say), on every rank."""
         self.cfg = cfg
         self.info = info or DistInfo(device=resolve_device(cfg.device))
         self.device = self.info.device
@@ -112,6 +114,7 @@ class Trainer:
         self.loader_factory = loader_factory
         self.meta = meta or {}
         self.export_fn = export
+        self.on_step = on_step
         self.out = Path(cfg.out)
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError(
@@ -354,6 +357,8 @@ class Trainer:
             start = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.accum)]
             stats = self.train_step(micro)
+            if self.on_step is not None:
+                self.on_step(self.step, stats)
             seconds = time.perf_counter() - start
             if self.step % cfg.log_every == 0 or self.step == end:
                 record = self.log(stats, micro, seconds)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,13 +25,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from duomo.errors import InputError
 from duomo.nn.lora import apply_lora, merge_lora
 from duomo.tasks.clip.evaluate import EvalCollate, classification_metrics
 from duomo.tasks.clip.probe import stratified_split
 from duomo.tasks.clip.zero_shot import DEFAULT_TEMPLATES, build_classifier
+from duomo.train.config import TrainConfig
+from duomo.train.data import map_loader_factory
+from duomo.train.distributed import DistInfo
+from duomo.train.objectives.clip import ClassifierObjective
+from duomo.train.trainer import Trainer
 
 log = logging.getLogger("duomo.finetune")
 
@@ -199,18 +204,6 @@ def predict(model: nn.Module, batches: Any, device: torch.device) -> tuple[torch
     return torch.cat(logits), torch.cat(labels)
 
 
-def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float) -> Any:
-    """Linear warm-up, then cosine decay to zero over `total` steps."""
-    warmup = max(1, int(warmup_fraction * total))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def _interpolate(start: dict[str, torch.Tensor], model: nn.Module, alpha: float) -> None:
     """WiSE-FT: set every float tensor of `model` to (1 - alpha) * start + alpha * current."""
     with torch.no_grad():
@@ -283,41 +276,68 @@ def _finetune(
 
     before = validate()
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.mode]
-    if cfg.mode == "probe":
-        model.visual.requires_grad_(False)
-        train_batches = _feature_loader(model, train_set, eval_tf, cfg, device)
-        groups = [{"params": list(model.head.parameters()), "lr": lr}]
+    if cfg.mode == "probe":  # the frozen tower runs once per image, not once per epoch
+        batches = _loader(train_set, eval_tf, 64, False, cfg.seed, cfg.workers)
+        data: Dataset = _FeatureRows(*predict(_Features(model), batches, device))
     else:
         if cfg.mode == "lora":
             apply_lora(model.visual, cfg.lora_rank, cfg.lora_alpha)
             model.to(device)
-        train_batches = _loader(train_set, train_tf, cfg.batch_size, True, cfg.seed, cfg.workers)
-        tower = [p for p in model.visual.parameters() if p.requires_grad]
-        groups = [{"params": tower, "lr": lr}, {"params": list(model.head.parameters()), "lr": cfg.head_lr}]
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheduler = _schedule(optimizer, cfg.epochs * len(train_batches), cfg.warmup_fraction)
+        data = _ImageRows(train_set, train_tf)
+    per_epoch = len(data) // cfg.batch_size
+    if per_epoch < 1:
+        raise InputError(f"{len(data)} training images are fewer than one batch of {cfg.batch_size}")
+    history: list[dict[str, float]] = []
+    losses: list[float] = []
 
-    history = []
-    for epoch in range(cfg.epochs):
+    def end_of_epoch(step: int, stats: dict[str, float]) -> None:
+        losses.append(stats["loss"])
+        if step % per_epoch:
+            return
+        record = {"epoch": step // per_epoch, "loss": sum(losses) / len(losses)}
+        losses.clear()
+        record.update({f"val_{k}": v for k, v in validate().items()})
         model.train()
         if cfg.mode == "probe":
-            model.visual.eval()
-        total, count = 0.0, 0
-        for inputs, y, *_ in train_batches:
-            inputs, y = inputs.to(device), y.to(device)
-            logits = model.scale * model.head(inputs) if cfg.mode == "probe" else model(inputs)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total, count = total + float(loss.detach()) * len(y), count + len(y)
-        record = {"epoch": epoch + 1, "loss": total / max(count, 1)}
-        record.update({f"val_{k}": v for k, v in validate().items()})
+            model.visual.eval()  # frozen: as pretrained
         history.append(record)
-        log.info("epoch %d: %s", epoch + 1, record)
+        log.info("epoch %d: %s", record["epoch"], record)
         if on_epoch is not None:
             on_epoch(record)
+
+    with tempfile.TemporaryDirectory(prefix="duomo-finetune-") as out:
+        train = TrainConfig(
+            steps=cfg.epochs * per_epoch,
+            batch_size=cfg.batch_size,
+            lr=lr,
+            wd=cfg.weight_decay,
+            beta2=0.999,
+            eps=1e-8,
+            grad_clip=None,
+            schedule="cosine",
+            warmup=max(1, int(cfg.warmup_fraction * cfg.epochs * per_epoch)),
+            seed=cfg.seed,
+            head_lr_weight=1.0 if cfg.mode == "probe" else cfg.head_lr / lr,
+            workers=cfg.workers,
+            out=out,
+            save_every=cfg.epochs * per_epoch,
+            log_every=per_epoch,
+            quiet=True,
+            plot=False,
+            device=str(device),
+        )
+        trainer = Trainer(
+            model,
+            ClassifierObjective(features=cfg.mode == "probe"),
+            map_loader_factory(data, cfg.batch_size, workers=cfg.workers, seed=cfg.seed),
+            train,
+            DistInfo(device=device),
+            freeze=["visual"] if cfg.mode == "probe" else [],
+            body="visual.",
+            export=lambda m, folder: folder,
+            on_step=end_of_epoch,
+        )
+        trainer.fit()
 
     if cfg.mode == "lora":
         merge_lora(model.visual)
@@ -330,17 +350,31 @@ def _finetune(
     return FinetuneResult(model, classes, templates, cfg, before, after, history, len(train_set), n_val)
 
 
-def _feature_loader(
-    model: ImageClassifier, train_set: Dataset, transform: Callable, cfg: FinetuneConfig, device: torch.device
-) -> DataLoader:
-    """Batches of (frozen features, labels): the image tower runs once per image, not once per epoch."""
-    feats, labels = predict(
-        _Features(model), _loader(train_set, transform, 64, False, cfg.seed, cfg.workers), device
-    )
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(
-        TensorDataset(feats, labels), batch_size=cfg.batch_size, shuffle=True, generator=generator
-    )
+class _FeatureRows(Dataset):
+    """Precomputed tower outputs with their labels, as trainer rows {"features", "labels"}."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"features": self.features[index], "labels": self.labels[index]}
+
+
+class _ImageRows(Dataset):
+    """Labelled images, transformed (augmented) as they are read, as trainer rows {"pixels", "labels"}."""
+
+    def __init__(self, dataset: Dataset, transform: Callable) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.dataset[index]
+        return {"pixels": self.transform(sample["image"]), "labels": torch.tensor(int(sample["label"]))}
 
 
 class _Features(nn.Module):

@@ -46,3 +46,19 @@ class ContrastiveObjective:
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         return self.loss(self.embed(model, batch))
+
+
+class ClassifierObjective:
+    """Cross-entropy of an image classifier (`ImageClassifier`: a tower and a scaled linear head) on a batch
+    of "pixels" and "labels", or, with `features=True`, of precomputed tower outputs in "features" (a linear
+    probe: the frozen tower runs once per image, not once per epoch)."""
+
+    def __init__(self, features: bool = False) -> None:
+        self.features = features
+
+    def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        """{"loss", "acc"} of one batch."""
+        inner = getattr(model, "module", model)
+        logits = inner.scale * inner.head(batch["features"]) if self.features else model(batch["pixels"])
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+        return {"loss": loss, "acc": (logits.argmax(-1) == batch["labels"]).float().mean()}
