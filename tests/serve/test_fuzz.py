@@ -22,18 +22,31 @@ FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 
+
+def _thin(width: int, height: int) -> bytes:
+    """A tiny PNG far longer than wide (issue 11: resizing its short side up cost gigabytes)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 json_scalars = st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats() | st.text(max_size=40)
 json_values = st.recursive(
     json_scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
-)
+) | st.integers(60, 400).map(lambda depth: json.loads("[" * depth + "]" * depth))  # deep nesting
 image_strings = st.one_of(
     st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()),
     st.binary(max_size=64).map(lambda b: "data:image/png;base64," + base64.b64encode(b).decode()),
     st.sampled_from(
         ["data:image/png;base64," + base64.b64encode(png_bytes(size=20)).decode(), "data:,", "data:image/"]
     ),
+    st.sampled_from([base64.b64encode(_thin(w, h)).decode() for w, h in ((20000, 1), (1, 20000), (700, 3))]),
     st.text(max_size=30),
 )
 texts = st.one_of(
