@@ -88,6 +88,8 @@ def index(
             highlight=False,
             soft_wrap=True,
         )
+    if report.failed and not report.total:  # asked to index images and none could be: say so in the exit code
+        raise typer.Exit(1)
 
 
 def search(

@@ -145,3 +145,13 @@ def test_an_interrupt_exits_130(tmp_path, monkeypatch, capsys, command: str) -> 
     }[command]
     assert main(argv) == 130
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_indexing_only_unreadable_files_exits_1(tmp_path, capsys) -> None:  # noqa: ANN001
+    from duomo.cli import main
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"nope")
+    args = ["index", str(tmp_path / "imgs"), "--index", str(tmp_path / "idx"), "--model", "ViT-micro"]
+    assert main(args) == 1
+    assert "1 failed" in capsys.readouterr().out
