@@ -24,6 +24,7 @@ from duomo.models.beit3 import (
     ClassifyModel,
     VQAModel,
 )
+from duomo.nn import skip_init
 
 TASKS = ("mdm", "vqa", "caption", "retrieval", "classify")
 
@@ -131,7 +132,8 @@ def load_task(path: str | Path, task: str | None = None) -> tuple[nn.Module, dic
     if not (path / "model.safetensors").is_file():
         raise CheckpointError(f"{path} has no model.safetensors; is the folder complete?")
     check_model_fits(lambda: build_task_model(config), [path / "model.safetensors"], str(path))
-    model = build_task_model(config)
+    with skip_init():  # every weight is loaded next (strictly)
+        model = build_task_model(config)
     state = load_weights(path / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -36,6 +36,7 @@ from duomo.io.openclip import (
     warn_unknown_activation,
 )
 from duomo.models import CLIP, CLIPConfig, create_model
+from duomo.nn import skip_init
 
 FORMATS = ("duomo", "hf", "openclip", "openai-jit")
 EXPORT_FORMATS = ("duomo", "hf", "openclip")
@@ -220,7 +221,8 @@ def load_model(
 ) -> CLIP:
     """Build a duomo CLIP from any supported checkpoint, in eval mode."""
     cfg, sd = read_checkpoint(path, config=config, quick_gelu=quick_gelu)
-    model = create_model(cfg)
+    with skip_init():  # every weight is loaded next (strictly)
+        model = create_model(cfg)
     load_into(model, sd)
     return model.eval()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from duomo.io.checkpoint import export, load_into, read_checkpoint, with_activation
 from duomo.io.native import is_native, load_native, save_native
 from duomo.models import CLIPConfig, create_model, get_model_config
+from duomo.nn import skip_init
 
 StateDict = dict
 
@@ -35,7 +36,8 @@ def convert_checkpoint(
 ) -> Path:
     """Read `src` (any supported format or hub id), build the model, check it loads, and write it as `fmt`."""
     cfg, sd, meta = read_with_meta(src, get_model_config(config) if config else None, quick_gelu)
-    model = create_model(cfg)
+    with skip_init():  # every weight is loaded next (strictly)
+        model = create_model(cfg)
     load_into(model, sd)
     if fmt == "duomo":
         return save_native(model, dst, meta=meta or None)

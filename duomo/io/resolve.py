@@ -6,6 +6,7 @@ code that needs a CLIP as a part (a BEiT-3 vision pathway, a caption guide) call
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from duomo.io.convert import read_with_meta
 from duomo.io.text_towers import build_model
 from duomo.models import create_model, list_models
 from duomo.models.factory import model_architecture
+from duomo.nn import skip_init
 
 log = logging.getLogger("duomo")
 
@@ -72,7 +74,8 @@ def read_model(
             f"unknown model {name!r}: not a model name, an existing path, or a hub id. Known names: {known}"
         )
     if config is not None:
-        model = create_model(config)
+        with skip_init() if state is not None else contextlib.nullcontext():  # the weights follow
+            model = create_model(config)
     if state is not None:
         load_into(model, state)
     return model, meta
