@@ -19,6 +19,7 @@ from duomo.errors import InputError
 from duomo.io.beit3_tasks import is_task_folder
 from duomo.io.resolve import WEIGHTS_DIR, default_model_name, list_pretrained, read_model  # noqa: F401 (re-exported)
 from duomo.models import CLIP
+from duomo.nn.precision import faster_than_fp32, matmul_speedup
 from duomo.tasks.clip.zero_shot import DEFAULT_TEMPLATES, build_classifier, classify
 
 log = logging.getLogger("duomo")
@@ -188,6 +189,15 @@ def load(
     dtype = PRECISIONS[precision or "fp32"]
     if dtype == torch.float16 and dev.type == "cpu":
         raise InputError("fp16 inference needs a GPU; on the CPU use precision='bf16' or 'fp32'")
+    if not faster_than_fp32(dev, dtype):  # measured, once per process: no silent 5x slowdown
+        speed = matmul_speedup(dev.type, dtype)
+        log.warning(
+            "%s runs %.1fx slower than fp32 on this %s (no native support, measured): loading in fp32",
+            precision,
+            1 / max(speed, 1e-9),
+            dev.type,
+        )
+        dtype = torch.float32
     if is_task_folder(name):
         from duomo.api.beit3 import load_task_pipeline
 

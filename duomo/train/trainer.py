@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from duomo.errors import CheckpointError, ConfigError
+from duomo.nn.precision import faster_than_fp32
 from duomo.train import checkpoint as ckpt
 from duomo.train.config import TrainConfig
 from duomo.train.data import Batch, LoaderFactory
@@ -121,6 +122,13 @@ class Trainer:
                 "precision fp16 needs a CUDA GPU (it uses a GradScaler); on the CPU use bf16 or fp32"
             )
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        if self.amp_dtype is not None and not faster_than_fp32(self.device, self.amp_dtype):
+            log.warning(
+                "%s is slower than fp32 on this %s (no native support, measured): training in fp32",
+                cfg.precision,
+                self.device.type,
+            )
+            self.amp_dtype = None
 
         self.model = model.to(self.device)
         if freeze is None:
