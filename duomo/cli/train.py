@@ -49,6 +49,9 @@ def train(
     seed: int = typer.Option(None, "--seed"),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: the local GPU if any)."),
     quiet: bool = typer.Option(None, "--quiet/--progress", "-q", help="No progress bar."),
+    cache_frozen: bool = typer.Option(
+        None, "--cache-frozen/--no-cache-frozen", help="Compute a frozen (LiT) tower once per distinct input."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Train into an existing non-empty --out."),
 ) -> None:
     """Train (or fine-tune) a CLIP/SigLIP model on image-text pairs; flags override --config."""

@@ -41,6 +41,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     lock_image: bool = False  # LiT: freeze the image tower
     lock_text: bool = False  # freeze the text tower
+    cache_frozen: bool = True  # compute a frozen (LiT) tower's features once per distinct input
     head_lr_weight: float = 1.0  # task heads (parameters outside the trainer's `body`) learn this much faster
     # objective
     loss: str = "clip"  # "clip" (InfoNCE) or "siglip"

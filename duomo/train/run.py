@@ -21,6 +21,7 @@ from duomo.train.checkpoint import seed_everything
 from duomo.train.config import TrainConfig
 from duomo.train.data import caption_bigrams, pair_loader_factory
 from duomo.train.distributed import DistInfo, cleanup, init_distributed
+from duomo.train.frozen_cache import cache_frozen_features
 from duomo.train.losses import build_loss
 from duomo.train.objectives.clip import ContrastiveObjective
 from duomo.train.trainer import Trainer
@@ -123,6 +124,12 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> dict[str, Any]:
             pin_memory=info.device.type == "cuda",
             seen=negative_vocabulary(dataset) if cfg.hard_negatives else None,
         )
+        if cfg.cache_frozen:
+            texts = getattr(dataset, "texts", None)
+            for cache in cache_frozen_features(model):
+                if texts is not None:  # all captions up front, in a fixed order: LiT's precomputation
+                    cache.prefill(build_tokenizer(model.config.text)(sorted(set(texts()))))
+                log.info("frozen text features: %d computed up front, the rest once each", len(cache.store))
         objective = ContrastiveObjective(build_loss(cfg.loss, cfg.local_loss, cfg.gather_with_grad))
         trainer = Trainer(model, objective, loaders, cfg, info, meta=export_meta(cfg, dataset))
         if info.is_main:

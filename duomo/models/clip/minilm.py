@@ -81,6 +81,8 @@ def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class MiniLMTextTower(nn.Module):
     """MiniLM sentence encoder + a linear projection to `embed_dim`: token ids [B, T] -> embeddings [B, D]."""
 
+    frozen_features = "sentence_embedding"  # what `duomo.train.frozen_cache` may memoise when frozen
+
     def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
         super().__init__()
         if cfg.pool not in ("mean", "first"):
@@ -95,6 +97,10 @@ class MiniLMTextTower(nn.Module):
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
         self.source: str | None = None  # the MiniLM folder the encoder weights were read from, if any
+
+    def features_frozen(self) -> bool:
+        """Whether the encoder is locked (LiT): its sentence embeddings then never change."""
+        return not any(p.requires_grad for p in self.encoder.parameters())
 
     def sentence_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pooled 384-d sentence embedding (before the projection, not normalised) of token ids [B, T]."""
