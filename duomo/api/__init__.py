@@ -53,7 +53,7 @@ class Pipeline:
         self.name = name
         self.meta = meta or {}
         self.device = torch.device(device)
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
         self.tokenizer = build_tokenizer(self.config.text)
         vision = self.config.vision
         self.transform = image_transform(vision.image_size, mean=vision.mean, std=vision.std)
@@ -203,7 +203,13 @@ def load(
 
         return load_task_pipeline(name, dev)
     model, meta = read_model(name, weights, quick_gelu)
-    model = model.to(dev, dtype)
+    if meta.get("backend") == "onnxruntime":
+        if dev.type != "cpu" or dtype != torch.float32:
+            raise InputError(
+                "an ONNX folder runs on the CPU in its own precision; drop device= and precision="
+            )
+    else:
+        model = model.to(dev, dtype)
     return Pipeline(model, dev, name=name, meta=meta)
 
 

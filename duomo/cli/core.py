@@ -133,26 +133,49 @@ def classify(
 
 def convert(
     src: str = typer.Argument(
-        ..., help="Checkpoint: duomo dir, HF CLIPModel dir, OpenCLIP/OpenAI file, hub id."
+        ..., help="Checkpoint: duomo dir, HF CLIPModel dir, OpenCLIP/OpenAI file, hub id, or a config name."
     ),
     dst: Path = typer.Argument(
-        ..., help="Output directory (duomo, hf) or file (.safetensors/.pt for openclip)."
+        ..., help="Output directory (duomo, hf, onnx) or file (.safetensors/.pt for openclip)."
     ),
-    to: str = typer.Option("duomo", "--to", "-t", help="Target format: duomo, hf or openclip."),
+    to: str = typer.Option("duomo", "--to", "-t", help="Target format: duomo, hf, openclip or onnx."),
     model: str = typer.Option(None, "--model", "-m", help="Config name for raw state dicts (else inferred)."),
     quick_gelu: bool = typer.Option(
         None, "--quick-gelu/--no-quick-gelu", help="Activation of raw OpenCLIP dicts."
     ),
+    int8: bool = typer.Option(False, "--int8", help="onnx: quantise both towers to int8 (u8, per channel)."),
+    check: Path = typer.Option(
+        None, "--check", help="onnx: compare image embeddings with fp32 duomo on the images in this folder."
+    ),
+    min_cosine: float = typer.Option(
+        0.999, "--min-cosine", help="onnx --check: refuse the export if any image's cosine is below this."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
-    """Convert a checkpoint between formats (duomo, Hugging Face CLIPModel, OpenCLIP state dict)."""
+    """Convert a checkpoint between formats (duomo, Hugging Face CLIPModel, OpenCLIP state dict, ONNX)."""
     from duomo.errors import InputError
-    from duomo.io.convert import convert_checkpoint
 
     if dst.exists() and any(dst.iterdir() if dst.is_dir() else [dst]) and not overwrite:
         raise InputError(f"{dst} exists; pass --overwrite to replace it")
-    written = convert_checkpoint(src, dst, to, config=model, quick_gelu=quick_gelu)
-    console.print(f"wrote {to} checkpoint to {written}")
+    if to != "onnx":
+        if int8 or check is not None:
+            raise InputError("--int8 and --check are for --to onnx")
+        from duomo.io.convert import convert_checkpoint
+
+        written = convert_checkpoint(src, dst, to, config=model, quick_gelu=quick_gelu)
+        console.print(f"wrote {to} checkpoint to {written}")
+        return
+    from duomo.api import load
+    from duomo.tasks.clip.onnx_export import export_for_onnxruntime
+
+    pipe = load(src, device="cpu")
+    result = export_for_onnxruntime(pipe, dst, int8=int8, check=check, min_cosine=min_cosine)
+    console.print(f"wrote {'int8' if int8 else 'fp32'} ONNX towers to {result['out']}")
+    if "min_cosine" in result:
+        console.print(
+            f"checked on {int(result['images'])} images: cosine to fp32 min {result['min_cosine']:.5f}, "
+            f"mean {result['mean_cosine']:.5f}"
+        )
 
 
 def demo(

@@ -17,6 +17,7 @@ from torch import nn
 from duomo.errors import InputError, UnknownModelError
 from duomo.io.checkpoint import load_into, resolve_hub
 from duomo.io.convert import read_with_meta
+from duomo.io.onnx import is_onnx_folder, load_onnx
 from duomo.io.text_towers import build_model
 from duomo.models import create_model, list_models
 from duomo.models.factory import model_architecture
@@ -64,6 +65,8 @@ def read_model(
             state = None
         else:
             config, state, meta = read_with_meta(weights, config=model.config, quick_gelu=quick_gelu)
+    elif is_onnx_folder(name):  # the ONNX Runtime backend: the same Pipeline API
+        return load_onnx(name)
     elif Path(name).exists():
         config, state, meta = read_with_meta(name, quick_gelu=quick_gelu)
     elif "/" in name and not name.startswith((".", "/")):

@@ -82,6 +82,7 @@ class MiniLMTextTower(nn.Module):
     """MiniLM sentence encoder + a linear projection to `embed_dim`: token ids [B, T] -> embeddings [B, D]."""
 
     frozen_features = "sentence_embedding"  # what `duomo.train.frozen_cache` may memoise when frozen
+    trim_padding = True  # False: keep every column (a fixed-shape graph for ONNX export)
 
     def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
         super().__init__()
@@ -113,8 +114,9 @@ class MiniLMTextTower(nn.Module):
         mask = tokens != PAD_ID
         # Padding is masked out everywhere and positions are absolute, so trailing pad columns change
         # nothing: dropping them makes the cost follow the longest text, not the context length.
-        length = max(1, int(mask.sum(dim=1).max()))
-        tokens, mask = tokens[:, :length], mask[:, :length]
+        if self.trim_padding:
+            length = max(1, int(mask.sum(dim=1).max()))
+            tokens, mask = tokens[:, :length], mask[:, :length]
         states = self.encoder(tokens, mask)
         return mean_pool(states, mask) if self.cfg.pool == "mean" else states[:, 0]
 

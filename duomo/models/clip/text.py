@@ -48,6 +48,8 @@ class TextTransformer(nn.Module):
             nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
         nn.init.normal_(self.proj.weight, std=width**-0.5)
 
+    trim_padding = True  # False: keep every column (a fixed-shape graph for ONNX export)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T<=context_length] -> embeddings [B, embed_dim]."""
         if tokens.ndim != 2:
@@ -56,7 +58,8 @@ class TextTransformer(nn.Module):
         if t > self.context_length:
             raise ValueError(f"sequence length {t} exceeds the context length {self.context_length}")
         index = pool_index(tokens, self.cfg.pool, self.cfg.eos_token_id)
-        t = int(index.max()) + 1  # causal: positions after the last pooled token cannot change the result
+        if self.trim_padding:  # causal: positions after the last pooled token cannot change the result
+            t = int(index.max()) + 1
         x = self.token_embed(tokens[:, :t]) + self.pos_embed[:t]
         x = self.transformer(x, self.attn_mask[:t, :t])
         x = self.norm(x)
