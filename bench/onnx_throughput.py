@@ -64,7 +64,7 @@ def main() -> None:
                 model.encode_image(images)  # warm-up
             for _ in range(args.rounds):
                 for name, model in arms.items():
-                    runs[name].append(batch / seconds(lambda m=model: m.encode_image(images)))
+                    runs[name].append(batch / seconds(lambda m=model, x=images: m.encode_image(x)))
         medians = {name: statistics.median(v) for name, v in runs.items()}
         rows.append({"batch": batch, "images_per_s": medians, "runs": runs})
     ref = "open_clip fp32"
