@@ -53,8 +53,9 @@ def index(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Index image folders (recursively): new, changed and deleted files are picked up incrementally."""
-    from duomo.api import default_model_name, load
+    from duomo.api import load
     from duomo.index import ImageIndex, default_index_dir
+    from duomo.io.resolve import choose_default_model
 
     directory = index_dir or default_index_dir()
     if forget:
@@ -69,8 +70,12 @@ def index(
             return
     if model is None:
         with ImageIndex.open(directory) as idx:
-            model = idx.model_name
-    pipe = load(model or default_model_name(), device=device)
+            model = idx.model_name  # an existing index keeps its model
+    if model is None:
+        model, notice = choose_default_model()
+        if notice:
+            err_console.print(f"[yellow]note:[/yellow] {notice}", highlight=False, soft_wrap=True)
+    pipe = load(model, device=device)
     with ImageIndex.open(directory, pipe, reindex=reindex) as idx:
         progress = not quiet and sys.stderr.isatty()
         report = idx.update(paths or None, progress=progress, batch_size=batch_size, workers=workers)

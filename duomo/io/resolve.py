@@ -41,6 +41,45 @@ def default_model_name() -> str:
     return "shapes-tiny" if "shapes-tiny" in shipped else (shipped[0] if shipped else "ViT-tiny")
 
 
+# The pretrained CLIP that `duomo index`, `search` and `serve` use when no model is named and the Hugging Face
+# hub is reachable or already has it cached (~600 MB, downloaded once with a progress bar).
+REAL_MODEL = os.environ.get("DUOMO_DEFAULT_MODEL", "openai/clip-vit-base-patch32")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt"]
+
+
+def real_model_available(repo: str | None = None, timeout: float = 3.0) -> bool:
+    """Whether the real default model is in the local hub cache, or the hub answers within `timeout`."""
+    repo = repo or REAL_MODEL
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+    except ImportError:  # pragma: no cover - a declared dependency
+        return False
+    try:
+        snapshot_download(repo, allow_patterns=HUB_PATTERNS, local_files_only=True)
+        return True
+    except Exception:  # not cached (huggingface_hub raises several types for that)
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        HfApi().model_info(repo, timeout=timeout)
+        return True
+    except Exception:  # offline, blocked, or no such repo: the embedded model it is
+        return False
+
+
+def choose_default_model() -> tuple[str, str | None]:
+    """(the model to use when none is named, a one-line notice when it is the embedded toy model)."""
+    if real_model_available():
+        return REAL_MODEL, None
+    fallback = default_model_name()
+    return fallback, (
+        f"no --model given and {REAL_MODEL} is neither cached nor reachable: using the embedded {fallback}, "
+        "which only knows the built-in shapes world; for real photos pass --model with a CLIP checkpoint "
+        f"(a hub id such as {REAL_MODEL} where the hub is reachable, or a local folder)"
+    )
+
+
 def read_model(
     name: str,
     weights: str | os.PathLike | None = None,

@@ -104,8 +104,14 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
     index_dir = resolve_index_dir(settings)
     if pipeline is None:
         from duomo.api import load
+        from duomo.io.resolve import choose_default_model
 
-        pipeline = load(settings.model or index_model(index_dir), device=settings.device)
+        name = settings.model or index_model(index_dir)
+        if name is None:
+            name, notice = choose_default_model()
+            if notice:
+                log.warning("%s", notice)
+        pipeline = load(name, device=settings.device)
     metrics = ServerMetrics()
     model = ModelService(pipeline, settings, observer=metrics)
     index = IndexService(index_dir, pipeline)
