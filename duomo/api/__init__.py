@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from duomo.data.images import load_image
+from duomo.data.images import DRAFT_FACTOR, load_image
 from duomo.data.tokenizers import build_tokenizer
 from duomo.data.transforms import image_transform
 from duomo.errors import InputError
@@ -69,7 +69,7 @@ class Pipeline:
             if image.ndim != 3 or image.shape[0] != 3:
                 raise InputError(f"image tensors must be preprocessed [3, H, W]; got {tuple(image.shape)}")
             return image
-        return self.transform(load_image(image))
+        return self.transform(load_image(image, min_side=DRAFT_FACTOR * self.transform.image_size))
 
     @torch.no_grad()
     def encode_image(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> torch.Tensor:

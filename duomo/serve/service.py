@@ -14,7 +14,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from duomo.api import Pipeline
-from duomo.data.images import load_image
+from duomo.data.images import DRAFT_FACTOR, load_image
 from duomo.errors import ImageError, InputError
 from duomo.serve.batcher import BatchObserver, DynamicBatcher, QueueFullError, model_executor
 from duomo.serve.settings import ServeSettings
@@ -138,7 +138,10 @@ class ModelService:
 
     def _preprocess(self, source: ImageSource, what: str) -> torch.Tensor:
         """Worker thread: decode (within the pixel limit) and transform one image."""
-        image = load_image(image_bytes(source, what), max_pixels=self.settings.max_image_pixels)
+        size = DRAFT_FACTOR * self.pipeline.transform.image_size  # big JPEGs decode at reduced scale
+        image = load_image(
+            image_bytes(source, what), max_pixels=self.settings.max_image_pixels, min_side=size
+        )
         return self.pipeline.preprocess(image)
 
     async def embed_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:

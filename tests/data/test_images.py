@@ -260,3 +260,34 @@ def test_no_raw_errors_escape_for_any_prefix(tmp_path: Path) -> None:
     for n in range(0, len(data), 37):
         with contextlib.suppress(ImageError):  # anything else fails the test
             load_image(data[:n])
+
+
+def test_big_jpegs_can_decode_at_reduced_scale(tmp_path) -> None:  # noqa: ANN001
+    """min_side: libjpeg's DCT scaling keeps both sides >= min_side; PNGs and PIL images are untouched."""
+    import numpy as np
+
+    from duomo.data.images import load_image
+
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).resize((3200, 2400))
+    big.save(tmp_path / "big.jpg", quality=90)
+    big.save(tmp_path / "big.png")
+    assert load_image(tmp_path / "big.jpg").size == (3200, 2400)
+    small = load_image(tmp_path / "big.jpg", min_side=256)
+    assert min(small.size) >= 256 and small.size[0] < 3200 and small.mode == "RGB"
+    assert load_image(tmp_path / "big.png", min_side=256).size == (3200, 2400)
+    assert load_image(big, min_side=256).size == (3200, 2400)
+
+
+def test_the_pipeline_embeds_a_reduced_decode_like_the_full_one(tmp_path) -> None:  # noqa: ANN001
+    import skimage.data
+
+    import duomo
+    from duomo.data.images import load_image
+
+    photo = Image.fromarray(skimage.data.astronaut()).resize((3072, 3072))
+    photo.save(tmp_path / "a.jpg", quality=90)
+    pipe = duomo.load("shapes-tiny")
+    full = pipe.encode_pixels(pipe.transform(load_image(tmp_path / "a.jpg")).unsqueeze(0))
+    fast = pipe.encode_image(str(tmp_path / "a.jpg"))
+    assert float((full * fast).sum()) > 0.999

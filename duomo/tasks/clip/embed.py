@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duomo.data.images import load_image
 from duomo.errors import DuomoError, InputError
 
 OUTPUT_FORMATS = (".npy", ".parquet")
@@ -39,7 +38,7 @@ def embed_image_files(
 
     def prepare(path: Path) -> torch.Tensor | str:
         try:
-            return pipeline.transform(load_image(path))
+            return pipeline.preprocess(str(path))
         except DuomoError as exc:
             return str(exc)
 
