@@ -1,7 +1,8 @@
 """Image and text embedding throughput: duomo vs open_clip vs transformers, same config, batch and machine.
 
 Run: python bench/embed_throughput.py --model ViT-B-32 --batch 32 --repeats 5
-All three models get the same random weights (duomo's, exported), so the comparison is like for like.
+All three models get the same random weights (duomo's, exported), so the comparison is like for like; the
+libraries are timed interleaved (each round times each once), medians over rounds.
 """
 
 from __future__ import annotations
@@ -16,17 +17,6 @@ import torch
 
 import duomo
 from duomo.io import export
-
-
-def median_rate(fn, items: int, repeats: int) -> float:
-    """Items per second: the median over `repeats` timed calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return items / statistics.median(times)
 
 
 def main() -> None:
@@ -62,13 +52,21 @@ def main() -> None:
             lambda: hf.get_text_features(input_ids=tokens),
         ),
     }
-    rates: dict[str, tuple[float, float]] = {}
+    # interleaved: every round times each library once, so a noisy moment of the machine hits all of them
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runners}
     with torch.inference_mode():
-        for name, (img_fn, txt_fn) in runners.items():
-            rates[name] = (
-                median_rate(img_fn, args.batch, args.repeats),
-                median_rate(txt_fn, args.batch, args.repeats),
-            )
+        for img_fn, txt_fn in runners.values():  # warm-up
+            img_fn(), txt_fn()
+        for _ in range(args.repeats):
+            for name, (img_fn, txt_fn) in runners.items():
+                for fn, out in ((img_fn, times[name][0]), (txt_fn, times[name][1])):
+                    start = time.perf_counter()
+                    fn()
+                    out.append(time.perf_counter() - start)
+    rates = {
+        name: (args.batch / statistics.median(img), args.batch / statistics.median(txt))
+        for name, (img, txt) in times.items()
+    }
     print(
         f"model {args.model}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}, fp32 CPU"
     )
