@@ -67,3 +67,19 @@ def test_cli_convert_to_onnx_checks_and_refuses(tmp_path: Path, images: list, ca
     assert "below --min-cosine" in capsys.readouterr().err and not refused.exists()
     assert main(["convert", "shapes-tiny", str(tmp_path / "x"), "--to", "hf", "--int8"]) == 1
     assert main(["embed", str(photos / "0.png"), "-o", str(tmp_path / "e.npy"), "--model", str(out)]) == 0
+
+
+@pytest.mark.parametrize("scheme", ["s8", "u8-reduce-range"])
+def test_both_int8_schemes_keep_the_embeddings(tmp_path: Path, images: list, scheme: str) -> None:
+    from duomo.io.onnx import int8_scheme, signed_int8_is_exact
+
+    assert int8_scheme() == ("s8" if signed_int8_is_exact() else "u8-reduce-range")  # measured, per machine
+    pipe = duomo.load("shapes-tiny")
+    out = quantize_onnx(export_onnx(pipe.model, tmp_path / "fp32"), tmp_path / scheme, scheme=scheme)
+    pixels = torch.stack([pipe.preprocess(im) for im in images])
+    assert cosine_check(pipe.model, OnnxCLIP(out), pixels)["min_cosine"] >= 0.999
+    import json
+
+    assert json.loads((out / "config.json").read_text())["int8_scheme"] == scheme
+    with pytest.raises(duomo.ConfigError, match="unknown int8 scheme"):
+        quantize_onnx(tmp_path / "fp32", tmp_path / "bad", scheme="s4")
