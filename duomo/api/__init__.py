@@ -17,6 +17,7 @@ from duomo.data.tokenizers import build_tokenizer
 from duomo.data.transforms import image_transform
 from duomo.errors import InputError
 from duomo.io.beit3_tasks import is_task_folder
+from duomo.io.onnx import export_onnx_folder, is_onnx_folder, onnx_cache
 from duomo.io.resolve import WEIGHTS_DIR, default_model_name, list_pretrained, read_model  # noqa: F401 (re-exported)
 from duomo.models import CLIP
 from duomo.nn.precision import faster_than_fp32, matmul_speedup
@@ -25,6 +26,7 @@ from duomo.tasks.clip.zero_shot import DEFAULT_TEMPLATES, build_classifier, clas
 log = logging.getLogger("duomo")
 
 ImageInput = str | os.PathLike | bytes | Image.Image | torch.Tensor
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -176,13 +178,24 @@ def load(
     device: str | torch.device | None = None,
     precision: str | None = None,
     quick_gelu: bool | None = None,
+    backend: str = "torch",
 ) -> Pipeline:
     """Load a model by config name, shipped checkpoint name, local path (any supported format) or hub id.
 
     `weights` loads a checkpoint into a named config; without weights a config name gives random weights.
     A folder written by `duomo beit3-train` gives that task's pipeline (`duomo.api.beit3`).
+    `backend`: "torch", or "onnxruntime" / "onnxruntime-int8": the model's towers exported once to an ONNX
+    folder in duomo's cache (`duomo.io.onnx.onnx_cache`) and run on ONNX Runtime, behind the same Pipeline.
     """
     name = str(name_or_path) if name_or_path is not None else default_model_name()
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "torch" and not is_onnx_folder(name):  # an ONNX folder is its own backend
+        folder = onnx_cache(name, weights, int8=backend.endswith("int8"))
+        if not is_onnx_folder(folder):
+            source = load(name, weights, "cpu", None, quick_gelu)
+            export_onnx_folder(source.model, folder, source.meta, int8=backend.endswith("int8"))
+        name, weights = str(folder), None
     dev = _resolve_device(device)
     if precision is not None and precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")

@@ -27,6 +27,9 @@ def make_table(*headers: str, title: str | None = None, key_width: int = 0) -> T
 ModelOpt = typer.Option(None, "--model", "-m", help="Config name, shipped checkpoint, path or hub id.")
 WeightsOpt = typer.Option(None, "--weights", "-w", help="Checkpoint to load into a named config.")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available).")
+BackendOpt = typer.Option(
+    "torch", "--backend", help="torch, onnxruntime or onnxruntime-int8 (exported once, cached)."
+)
 
 
 def models() -> None:
@@ -62,6 +65,7 @@ def embed(
     model: str = ModelOpt,
     weights: str = WeightsOpt,
     device: str = DeviceOpt,
+    backend: str = BackendOpt,
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
@@ -75,7 +79,7 @@ def embed(
     if out.exists() and not overwrite:  # fail before the work, not after it
         raise InputError(f"{out} exists; pass --overwrite to replace it")
     check_out_file(out)
-    pipe = load(model, weights=weights, device=device)
+    pipe = load(model, weights=weights, device=device, backend=backend)
     if text:
         keys, vectors, failures = list(inputs), pipe.encode_text(list(inputs), batch_size).numpy(), {}
     else:

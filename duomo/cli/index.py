@@ -21,6 +21,9 @@ IndexOpt = typer.Option(
     help="Index folder (default: $DUOMO_INDEX, else $XDG_CACHE_HOME or ~/.cache, /duomo/index).",
 )
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available).")
+BackendOpt = typer.Option(
+    "torch", "--backend", help="torch, onnxruntime or onnxruntime-int8 (exported once, cached)."
+)
 
 
 class OutputFormat(StrEnum):
@@ -50,6 +53,7 @@ def index(
         None, "--forget", help="Drop an indexed folder and its files (repeatable)."
     ),
     device: str = DeviceOpt,
+    backend: str = BackendOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Index image folders (recursively): new, changed and deleted files are picked up incrementally."""
@@ -75,7 +79,7 @@ def index(
         model, notice = choose_default_model()
         if notice:
             err_console.print(f"[yellow]note:[/yellow] {notice}", highlight=False, soft_wrap=True)
-    pipe = load(model, device=device)
+    pipe = load(model, device=device, backend=backend)
     with ImageIndex.open(directory, pipe, reindex=reindex) as idx:
         progress = not quiet and sys.stderr.isatty()
         report = idx.update(paths or None, progress=progress, batch_size=batch_size, workers=workers)
@@ -109,6 +113,7 @@ def search(
     exact: bool = typer.Option(False, "--exact", help="Exhaustive search even on a large index."),
     model: str = typer.Option(None, "--model", "-m", help="Model for the query (default: the index's own)."),
     device: str = DeviceOpt,
+    backend: str = BackendOpt,
 ) -> None:
     """Search the index by text, by image, or by a weighted combination of both."""
     from duomo.api import load
@@ -125,7 +130,7 @@ def search(
         if len(idx) == 0:
             raise InputError(f"the index at {directory} holds no images; run `duomo index FOLDER` first")
         model = model or idx.model_name
-    pipe = load(model, device=device)
+    pipe = load(model, device=device, backend=backend)
     with ImageIndex.open(directory, pipe) as idx:
         hits = idx.search(text, k=k, exact=True if exact else None)
         model_name = idx.model_name

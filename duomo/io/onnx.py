@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -190,6 +191,8 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, scheme: str | 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     scheme = scheme or int8_scheme()
+    root = logging.getLogger()
+    level = root.level
     if scheme not in ("s8", "u8-reduce-range"):
         raise ConfigError(f"unknown int8 scheme {scheme!r}; choose s8 or u8-reduce-range")
 
@@ -197,6 +200,7 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, scheme: str | 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        root.setLevel(logging.ERROR)  # the quantiser logs advice on the root logger for every graph
         for file in (IMAGE_FILE, TEXT_FILE):
             quantize_dynamic(
                 str(src / file),
@@ -216,7 +220,34 @@ def quantize_onnx(src: str | os.PathLike, out: str | os.PathLike, scheme: str | 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        root.setLevel(level)
     return out
+
+
+def onnx_cache(name: str, weights: str | os.PathLike | None = None, int8: bool = False) -> Path:
+    """Where `duomo.load(name, backend="onnxruntime...")` keeps its export: `$DUOMO_CACHE` (default
+    ~/.cache/duomo) / onnx / a name for the model, its weights and their modification times."""
+    import hashlib
+
+    parts = [str(name), str(weights or "")]
+    for item in (name, weights):
+        if item is not None and Path(item).exists():
+            path = Path(item).resolve()
+            parts += [str(path), str(path.stat().st_mtime_ns)]
+    key = hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(str(name)).name)[:40]
+    root = Path(os.environ.get("DUOMO_CACHE", Path.home() / ".cache" / "duomo"))
+    return root / "onnx" / f"{slug}-{key}-{'int8' if int8 else 'fp32'}"
+
+
+def export_onnx_folder(model: nn.Module, out: Path, meta: dict[str, Any] | None, int8: bool) -> Path:
+    """`export_onnx`, and with `int8` its quantised copy, into `out`."""
+    if not int8:
+        return export_onnx(model, out, meta)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        export_onnx(model, Path(tmp) / "fp32", meta)
+        return quantize_onnx(Path(tmp) / "fp32", out)
 
 
 def is_onnx_folder(path: str | os.PathLike) -> bool:

@@ -83,3 +83,21 @@ def test_both_int8_schemes_keep_the_embeddings(tmp_path: Path, images: list, sch
     assert json.loads((out / "config.json").read_text())["int8_scheme"] == scheme
     with pytest.raises(duomo.ConfigError, match="unknown int8 scheme"):
         quantize_onnx(tmp_path / "fp32", tmp_path / "bad", scheme="s4")
+
+
+def test_the_backend_option_exports_once_and_caches(tmp_path: Path, images: list, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("DUOMO_CACHE", str(tmp_path / "cache"))
+    torch_pipe = duomo.load("shapes-tiny")
+    onnx = duomo.load("shapes-tiny", backend="onnxruntime")
+    assert isinstance(onnx.model, OnnxCLIP) and str(tmp_path / "cache") in onnx.name
+    torch.testing.assert_close(onnx.encode_image(images), torch_pipe.encode_image(images), rtol=0, atol=1e-5)
+    again = duomo.load("shapes-tiny", backend="onnxruntime")  # from the cache, no second export
+    assert again.name == onnx.name and len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
+    assert duomo.load(onnx.name, backend="onnxruntime-int8").name == onnx.name  # already an ONNX folder
+    with pytest.raises(duomo.InputError, match="unknown backend"):
+        duomo.load("shapes-tiny", backend="tensorrt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    images[0].save(photos / "a.png")
+    args = ["index", str(photos), "--index", str(tmp_path / "idx"), "--model", "shapes-tiny"]
+    assert main([*args, "--backend", "onnxruntime-int8"]) == 0
