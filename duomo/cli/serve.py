@@ -34,6 +34,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
+    backend: str = typer.Option(
+        "torch", "--backend", help="torch, onnxruntime or onnxruntime-int8 (exported once, cached)."
+    ),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most items in one model call."),
     max_wait_ms: float = typer.Option(0.0, "--max-wait-ms", min=0, help="Longest an item waits for a batch."),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Items waiting per queue before 429s."),
@@ -53,6 +56,7 @@ def serve(
     settings = ServeSettings(
         model=model,
         device=device,
+        backend=backend,
         index_dir=index,
         use_index=not no_index,
         vqa_model=vqa_model,

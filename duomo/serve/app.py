@@ -111,7 +111,7 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
             name, notice = choose_default_model()
             if notice:
                 log.warning("%s", notice)
-        pipeline = load(name, device=settings.device)
+        pipeline = load(name, device=settings.device, backend=settings.backend)
     metrics = ServerMetrics()
     model = ModelService(pipeline, settings, observer=metrics)
     index = IndexService(index_dir, pipeline)

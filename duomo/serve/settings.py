@@ -16,6 +16,7 @@ class ServeSettings(BaseModel):
         None, description="model name or path for duomo.load(); None: the default model"
     )
     device: str | None = Field(None, description="torch device; None: CUDA if available, else CPU")
+    backend: str = Field("torch", description="torch, onnxruntime or onnxruntime-int8 (duomo.load's backend)")
     index_dir: Path | None = Field(None, description="image index for /search; None: default_index_dir()")
     use_index: bool = Field(True, description="False: no /search and no /images (embeddings only)")
     vqa_model: Path | None = Field(

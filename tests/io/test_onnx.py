@@ -101,3 +101,18 @@ def test_the_backend_option_exports_once_and_caches(tmp_path: Path, images: list
     images[0].save(photos / "a.png")
     args = ["index", str(photos), "--index", str(tmp_path / "idx"), "--model", "shapes-tiny"]
     assert main([*args, "--backend", "onnxruntime-int8"]) == 0
+
+
+def test_the_server_runs_on_the_onnx_backend(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from fastapi.testclient import TestClient
+
+    from duomo.serve import ServeSettings, create_app
+
+    monkeypatch.setenv("DUOMO_CACHE", str(tmp_path / "cache"))
+    settings = ServeSettings(use_index=False, model="shapes-tiny", backend="onnxruntime")
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/embed", json={"texts": ["a red star"]})
+        assert r.status_code == 200, r.text
+        got = torch.tensor(r.json()["text_embeddings"][0])
+    want = duomo.load("shapes-tiny").encode_text("a red star")[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
