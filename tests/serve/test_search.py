@@ -220,7 +220,7 @@ def test_without_a_model_the_server_uses_the_index_model(
     assert app_module.index_model(tmp_path / "idx") == "ViT-micro"
     assert app_module.index_model(tmp_path / "missing") is None
     loaded: list = []
-    monkeypatch.setattr(duomo.api, "load", lambda name, device=None: loaded.append(name) or pipeline)
+    monkeypatch.setattr(duomo.api, "load", lambda name, device=None, **kw: loaded.append(name) or pipeline)
     app_module.create_app(app_module.ServeSettings(index_dir=tmp_path / "idx"))
     app_module.create_app(app_module.ServeSettings(index_dir=tmp_path / "idx", model="ViT-tiny"))
     assert loaded == ["ViT-micro", "ViT-tiny"]
