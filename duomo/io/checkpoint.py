@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from duomo.errors import CheckpointError, ConfigError
+from duomo.io.cnclip import cnclip_config, cnclip_to_duomo
 from duomo.io.files import (
     TORCH_SUFFIXES,
     StateDict,
@@ -76,7 +77,13 @@ def resolve_hub(name: str | os.PathLike) -> Path:
 
 
 def _layout(keys: list[str], source: str) -> str:
-    """Which naming a state dict uses: "duomo", "hf" or "openclip"."""
+    """Which naming a state dict uses: "duomo", "hf", "cnclip" or "openclip"."""
+    if (
+        "text_projection" in keys
+        and "visual.conv1.weight" in keys
+        and any(k.startswith("bert.") for k in keys)
+    ):
+        return "cnclip"
     if any(k.startswith(("visual.patch_embed.", "text.token_embed.")) for k in keys):
         return "duomo"
     if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
@@ -137,6 +144,8 @@ def _read_weights_file(
     """A single weight file in any of the three namings; its config given, from a sidecar, or from shapes."""
     raw = read_torchscript(path) if is_torchscript(path) else load_weights(path)
     layout = _layout(list(raw), str(path))
+    if layout == "cnclip":  # Chinese-CLIP: a BERT text tower; its architecture is read from the shapes
+        return config or cnclip_config(raw), cnclip_to_duomo(raw)
     sd = {"duomo": dict, "hf": hf_to_duomo, "openclip": openclip_to_duomo}[layout](raw)
     cfg = config or _sidecar_config(path)
     if cfg is None:

@@ -2,7 +2,8 @@
 
 - "clip": CLIP's byte-level BPE (`clip.py`), for CLIP text towers and duomo's tiny BEiT-3 models;
 - "minilm": BERT WordPiece from the MiniLM package (`wordpiece.py`), for the LiT text tower;
-- "beit3-spm": XLM-R SentencePiece, unilm's beit3.spm (`xlmr.py`), for Microsoft's BEiT-3 checkpoints.
+- "beit3-spm": XLM-R SentencePiece, unilm's beit3.spm (`xlmr.py`), for Microsoft's BEiT-3 checkpoints;
+- "bert-wordpiece": BERT WordPiece from a vocab.txt (`wordpiece.py`), Chinese-CLIP's 21,128 ids by default.
 
 `build_tokenizer(cfg)` gives a callable tokenizer (texts -> ids [N, T]); the ones a BEiT-3 uses also have
 `encode_with_padding`, `decode` and `bos_token_id` / `eos_token_id` / `pad_token_id`. `special_ids(cfg)`
@@ -21,7 +22,11 @@ from duomo.errors import ConfigError
 
 TokenizerBuilder = Callable[..., Any]
 TOKENIZERS: dict[str, TokenizerBuilder] = {}
-SPECIAL_IDS: dict[str, tuple[int, int, int]] = {"clip": (49406, 49407, 0), "beit3-spm": (0, 2, 1)}
+SPECIAL_IDS: dict[str, tuple[int, int, int]] = {
+    "clip": (49406, 49407, 0),
+    "beit3-spm": (0, 2, 1),
+    "bert-wordpiece": (101, 102, 0),  # [CLS], [SEP], [PAD] of BERT vocabularies (Chinese-CLIP's included)
+}
 
 
 class TextTokenizer(Protocol):
@@ -93,3 +98,12 @@ def _xlmr(cfg: Any, spm_path: str | os.PathLike | None = None, **_: Any) -> Any:
 register_tokenizer("clip", _clip)
 register_tokenizer("minilm", _minilm)
 register_tokenizer("beit3-spm", _xlmr)
+
+
+def _bert_wordpiece(cfg: Any, **_: Any) -> Any:
+    from duomo.data.tokenizers.wordpiece import bert_wordpiece_tokenizer
+
+    return bert_wordpiece_tokenizer(cfg)
+
+
+register_tokenizer("bert-wordpiece", _bert_wordpiece)

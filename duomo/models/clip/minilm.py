@@ -164,3 +164,12 @@ def build_minilm_tower(cfg: TextConfig, embed_dim: int) -> MiniLMTextTower:
 
 
 register_text_tower("minilm", build_minilm_tower)
+
+
+def build_bert_tower(cfg: TextConfig, embed_dim: int) -> MiniLMTextTower:
+    """A BERT text tower whose weights come with its checkpoint (Chinese-CLIP's RoBERTa-wwm: `pool`
+    "first" reads the [CLS] state); the same encoder and bias-free projection as MiniLM's."""
+    return MiniLMTextTower(cfg, embed_dim)
+
+
+register_text_tower("bert", build_bert_tower)

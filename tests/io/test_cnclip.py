@@ -1,0 +1,85 @@
+"""Chinese-CLIP: cn_clip checkpoints load with exact embeddings; the tokenizer gives cn_clip's ids."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import duomo
+from duomo.data.tokenizers import build_tokenizer
+from duomo.io.cnclip import cnclip_config, cnclip_to_duomo, is_cnclip
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("cn_clip") is None or importlib.util.find_spec("six") is None,
+    reason="cn_clip is not installed (pip install --no-deps cn-clip six)",
+)
+TEXTS = [
+    "一只猫",
+    "北京天安门，Tiananmen Square。",
+    "a dog 在草地上！😀",
+    "ｆｕｌｌ－ｗｉｄｔｈ（全角）",
+    "汉字" * 40,
+]
+
+
+@pytest.fixture(scope="module")
+def reference() -> torch.nn.Module:
+    """A tiny cn_clip CLIP with random (non-default) weights."""
+    warnings.simplefilter("ignore")
+    from cn_clip.clip.model import CLIP
+
+    torch.manual_seed(0)
+    model = CLIP(
+        embed_dim=32,
+        image_resolution=32,
+        vision_layers=2,
+        vision_width=64,
+        vision_patch_size=8,
+        vocab_size=21128,
+        text_attention_probs_dropout_prob=0.0,
+        text_hidden_act="gelu",
+        text_hidden_dropout_prob=0.0,
+        text_hidden_size=128,
+        text_initializer_range=0.02,
+        text_intermediate_size=256,
+        text_max_position_embeddings=512,
+        text_num_attention_heads=2,
+        text_num_hidden_layers=2,
+        text_type_vocab_size=2,
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def test_ids_equal_cn_clips_tokenize() -> None:
+    from cn_clip.clip import tokenize
+
+    cfg = duomo.models.get_model_config("ViT-tiny")  # any config: only its text section's tokenizer is read
+    cfg.text.tokenizer, cfg.text.context_length = "bert-wordpiece", 52
+    ours = build_tokenizer(cfg.text)(TEXTS)
+    assert torch.equal(ours, tokenize(TEXTS, context_length=52))
+
+
+def test_a_cn_clip_state_dict_loads_with_exact_embeddings(reference: torch.nn.Module, tmp_path: Path) -> None:
+    sd = reference.state_dict()
+    assert is_cnclip(sd)
+    cfg = cnclip_config(sd)
+    assert cfg.text.kind == "bert" and cfg.text.pool == "first" and cfg.vision.act == "quick_gelu"
+    # as cn_clip saves its checkpoints: a training wrapper with DDP prefixes
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "cn.pt")
+    pipe = duomo.load(tmp_path / "cn.pt")
+    ids = pipe.tokenizer(TEXTS)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.model.encode_text(ids), reference.encode_text(ids), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            pipe.model.encode_image(images), reference.encode_image(images), rtol=0, atol=1e-5
+        )
+    assert pipe.zero_shot_classify(images[:1], ["猫", "狗"])[0][0][0] in ("猫", "狗")
+    assert set(cnclip_to_duomo(sd)) == set(pipe.model.state_dict())
