@@ -83,3 +83,22 @@ def test_a_cn_clip_state_dict_loads_with_exact_embeddings(reference: torch.nn.Mo
         )
     assert pipe.zero_shot_classify(images[:1], ["猫", "狗"])[0][0][0] in ("猫", "狗")
     assert set(cnclip_to_duomo(sd)) == set(pipe.model.state_dict())
+
+
+def test_ids_equal_transformers_bert_tokenizer() -> None:
+    transformers = pytest.importorskip("transformers")
+    from duomo.data.tokenizers.wordpiece import BertWordPieceTokenizer, cn_clip_vocab
+
+    hf = transformers.BertTokenizer(str(cn_clip_vocab()), do_lower_case=True)
+    ours = BertWordPieceTokenizer(cn_clip_vocab())
+    corpus = [
+        *TEXTS,
+        "Café naïve résumé",
+        "  多个   空格\t和\n换行 ",
+        "x" * 250,
+        "数字123和4.5%",
+        "ｺﾝﾆﾁﾊ",
+        "αβγ ΔΕΖ",
+    ]
+    for text in corpus:
+        assert ours.encode(text) == hf.convert_tokens_to_ids(hf.tokenize(text)), text
