@@ -9,12 +9,15 @@ tower and a "bert" text tower (`pool: "first"`), tokenised by the "bert-wordpiec
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from duomo.errors import CheckpointError
+from duomo.errors import CheckpointError, ConfigError
+from duomo.io.files import read_json
 from duomo.io.openclip import openclip_to_duomo
 from duomo.models.clip.config import CLIPConfig
 from duomo.models.clip.minilm import bert_to_duomo
@@ -76,3 +79,88 @@ def cnclip_config(sd: Mapping[str, torch.Tensor], context_length: int = 52) -> C
             },
         }
     )
+
+
+# ---- Hugging Face ChineseCLIPModel directories ----
+
+
+def is_hf_chinese_clip(path: str | os.PathLike) -> bool:
+    """True for a directory whose config.json is a transformers ChineseCLIPModel's."""
+    config = Path(path) / "config.json"
+    return config.is_file() and read_json(config).get("model_type") == "chinese_clip"
+
+
+def hf_chinese_clip_config(config: Mapping[str, Any], preprocessor: Mapping[str, Any] | None) -> CLIPConfig:
+    """transformers ChineseCLIPConfig dict -> `CLIPConfig` (a ViT and a "bert" text tower)."""
+    vc, tc = config.get("vision_config") or {}, config.get("text_config") or {}
+    try:
+        v_width, t_width = vc.get("hidden_size", 768), tc.get("hidden_size", 768)
+        vision = {
+            "image_size": vc.get("image_size", 224),
+            "patch_size": vc.get("patch_size", 32),
+            "width": v_width,
+            "layers": vc.get("num_hidden_layers", 12),
+            "heads": vc.get("num_attention_heads", 12),
+            "mlp_ratio": vc.get("intermediate_size", 3072) / v_width,
+            "act": vc.get("hidden_act", "quick_gelu"),
+            "norm_eps": vc.get("layer_norm_eps", 1e-5),
+        }
+        if preprocessor and "image_mean" in preprocessor and "image_std" in preprocessor:
+            vision["mean"], vision["std"] = preprocessor["image_mean"], preprocessor["image_std"]
+        text = {
+            "kind": "bert",
+            "tokenizer": "bert-wordpiece",
+            "pool": "first",
+            "context_length": 52,
+            "vocab_size": tc.get("vocab_size", 21128),
+            "width": t_width,
+            "layers": tc.get("num_hidden_layers", 12),
+            "heads": tc.get("num_attention_heads", 12),
+            "mlp_ratio": tc.get("intermediate_size", 3072) / t_width,
+            "act": tc.get("hidden_act", "gelu"),
+            "norm_eps": tc.get("layer_norm_eps", 1e-12),
+            "eos_token_id": 102,
+        }
+        return CLIPConfig.from_dict(
+            {
+                "embed_dim": config.get("projection_dim", 512),
+                "vision": vision,
+                "text": text,
+                "init_logit_scale": config.get("logit_scale_init_value", 2.6592),
+            }
+        )
+    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"malformed HF Chinese-CLIP config: {exc}") from exc
+
+
+def hf_chinese_clip_to_duomo(sd: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """ChineseCLIPModel names -> duomo names: the vision side as HF CLIP's, the text side as BERT's."""
+    from duomo.io.hf import hf_to_duomo
+
+    vision = {k: v for k, v in sd.items() if not k.startswith(("text_model.", "text_projection."))}
+    text = {k.removeprefix("text_model."): v for k, v in sd.items() if k.startswith("text_model.")}
+    out = hf_to_duomo(vision)
+    try:
+        out.update({f"text.encoder.{k}": v for k, v in bert_to_duomo(text, layers).items()})
+    except KeyError as exc:
+        raise CheckpointError(f"the text_model weights are not a BERT encoder (no {exc})") from exc
+    out["text.proj.weight"] = sd["text_projection.weight"]
+    return out
+
+
+def read_hf_chinese_clip(directory: str | os.PathLike) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
+    """(config, duomo state dict) of a transformers ChineseCLIPModel directory."""
+    from duomo.io.bounds import check_model_fits
+    from duomo.io.files import load_weights
+    from duomo.io.hf import _hf_weight_files
+    from duomo.models import create_model
+
+    directory = Path(directory)
+    preprocessor = directory / "preprocessor_config.json"
+    cfg = hf_chinese_clip_config(
+        read_json(directory / "config.json"), read_json(preprocessor) if preprocessor.is_file() else None
+    )
+    files = _hf_weight_files(directory)
+    check_model_fits(lambda: create_model(cfg), files, str(directory))
+    sd = {k: v for f in files for k, v in load_weights(f).items()}
+    return cfg, hf_chinese_clip_to_duomo(sd, cfg.text.layers)

@@ -102,3 +102,44 @@ def test_ids_equal_transformers_bert_tokenizer() -> None:
     ]
     for text in corpus:
         assert ours.encode(text) == hf.convert_tokens_to_ids(hf.tokenize(text)), text
+
+
+def test_a_transformers_chinese_clip_directory_loads_with_exact_embeddings(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ChineseCLIPConfig(
+        text_config=dict(
+            vocab_size=21128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=512,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    ref = transformers.ChineseCLIPModel(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ref.save_pretrained(tmp_path / "hf")
+    pipe = duomo.load(tmp_path / "hf")
+    ids = pipe.tokenizer(TEXTS)
+    images = torch.randn(2, 3, 32, 32)
+
+    def tensor(out):  # noqa: ANN001, ANN202  (transformers 5 may wrap features in an output object)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    with torch.no_grad():
+        want_text = tensor(ref.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()))
+        want_image = tensor(ref.get_image_features(pixel_values=images))
+        torch.testing.assert_close(pipe.model.encode_text(ids), want_text, rtol=0, atol=1e-5)
+        torch.testing.assert_close(pipe.model.encode_image(images), want_image, rtol=0, atol=1e-5)
