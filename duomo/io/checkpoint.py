@@ -244,6 +244,10 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str = "duomo") -> Pat
     if fmt == "duomo":
         return save_native(model, path)
     text_kind = model_config(model).text.kind
+    if fmt == "hf" and text_kind == "bert":  # Chinese-CLIP: transformers' ChineseCLIPModel
+        from duomo.io.cnclip import export_hf_chinese_clip
+
+        return export_hf_chinese_clip(model, path)
     if fmt in ("hf", "openclip") and text_kind != "transformer":
         raise CheckpointError(
             f"the {fmt} format has no place for a {text_kind!r} text tower; export this model with --to duomo"

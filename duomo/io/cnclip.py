@@ -9,6 +9,7 @@ tower and a "bert" text tower (`pool: "first"`), tokenised by the "bert-wordpiec
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -164,3 +165,80 @@ def read_hf_chinese_clip(directory: str | os.PathLike) -> tuple[CLIPConfig, dict
     check_model_fits(lambda: create_model(cfg), files, str(directory))
     sd = {k: v for f in files for k, v in load_weights(f).items()}
     return cfg, hf_chinese_clip_to_duomo(sd, cfg.text.layers)
+
+
+def duomo_to_bert(sd: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """duomo `BertEncoder` names -> Hugging Face BertModel names (qkv split; token type 1 is zeros, as
+    single-sentence models never use it)."""
+    out = {
+        "embeddings.word_embeddings.weight": sd["token_embed.weight"],
+        "embeddings.position_embeddings.weight": sd["pos_embed"],
+        "embeddings.token_type_embeddings.weight": torch.stack(
+            [sd["type_embed"], torch.zeros_like(sd["type_embed"])]
+        ),
+        "embeddings.LayerNorm.weight": sd["embed_norm.weight"],
+        "embeddings.LayerNorm.bias": sd["embed_norm.bias"],
+    }
+    for i in range(layers):
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            for part, value in zip(
+                ("query", "key", "value"), sd[f"{src}attn.qkv.{kind}"].chunk(3), strict=True
+            ):
+                out[f"{dst}attention.self.{part}.{kind}"] = value
+            out[f"{dst}attention.output.dense.{kind}"] = sd[f"{src}attn.proj.{kind}"]
+            out[f"{dst}attention.output.LayerNorm.{kind}"] = sd[f"{src}norm1.{kind}"]
+            out[f"{dst}intermediate.dense.{kind}"] = sd[f"{src}mlp.fc1.{kind}"]
+            out[f"{dst}output.dense.{kind}"] = sd[f"{src}mlp.fc2.{kind}"]
+            out[f"{dst}output.LayerNorm.{kind}"] = sd[f"{src}norm2.{kind}"]
+    return out
+
+
+def export_hf_chinese_clip(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Write a duomo CLIP with a "bert" text tower as a transformers ChineseCLIPModel directory."""
+    from duomo.io.files import contiguous, save_safetensors, write_json
+    from duomo.io.hf import ACTS_TO_HF, duomo_config_to_hf, duomo_to_hf, preprocessor_config
+    from duomo.io.native import model_config
+
+    cfg = model_config(model)
+    t = cfg.text
+    if t.kind != "bert" or t.pool != "first":
+        raise CheckpointError("only a CLIP with a 'bert' text tower ([CLS] pooling) is a Chinese-CLIP model")
+    state = model.state_dict()
+    vision_sd = {k: val for k, val in state.items() if not k.startswith("text.")}
+    text_sd = {
+        k.removeprefix("text.encoder."): val for k, val in state.items() if k.startswith("text.encoder.")
+    }
+    out = {k: val for k, val in duomo_to_hf(vision_sd).items() if not k.startswith("text_")}
+    out.update({f"text_model.{k}": val for k, val in duomo_to_bert(text_sd, t.layers).items()})
+    out["text_projection.weight"] = state["text.proj.weight"]
+    clip_cfg = duomo_config_to_hf(
+        dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, kind="transformer", pool="eos"))
+    )
+    config = {
+        "architectures": ["ChineseCLIPModel"],
+        "model_type": "chinese_clip",
+        "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": cfg.init_logit_scale,
+        "vision_config": {**clip_cfg["vision_config"], "model_type": "chinese_clip_vision_model"},
+        "text_config": {
+            "model_type": "chinese_clip_text_model",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.width,
+            "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads,
+            "intermediate_size": int(t.width * t.mlp_ratio),
+            "hidden_act": ACTS_TO_HF.get(t.act, t.act),
+            "max_position_embeddings": state["text.encoder.pos_embed"].shape[0],
+            "type_vocab_size": 2,
+            "layer_norm_eps": t.norm_eps,
+            "pad_token_id": 0,
+        },
+        "torch_dtype": "float32",
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors(contiguous(out), out_dir / "model.safetensors")
+    write_json(preprocessor_config(cfg), out_dir / "preprocessor_config.json")
+    write_json(config, out_dir / "config.json")
+    return out_dir

@@ -143,3 +143,25 @@ def test_a_transformers_chinese_clip_directory_loads_with_exact_embeddings(tmp_p
         want_image = tensor(ref.get_image_features(pixel_values=images))
         torch.testing.assert_close(pipe.model.encode_text(ids), want_text, rtol=0, atol=1e-5)
         torch.testing.assert_close(pipe.model.encode_image(images), want_image, rtol=0, atol=1e-5)
+
+
+def test_export_to_transformers_round_trips(reference: torch.nn.Module, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.save(reference.state_dict(), tmp_path / "cn.pt")
+    pipe = duomo.load(tmp_path / "cn.pt")
+    pipe.save(tmp_path / "hf", fmt="hf")
+    hf = transformers.ChineseCLIPModel.from_pretrained(str(tmp_path / "hf")).eval()
+    again = duomo.load(tmp_path / "hf")
+    ids = pipe.tokenizer(TEXTS)
+    images = torch.randn(2, 3, 32, 32)
+
+    def tensor(out):  # noqa: ANN001, ANN202
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    with torch.no_grad():
+        want = pipe.model.encode_text(ids)
+        torch.testing.assert_close(again.model.encode_text(ids), want, rtol=0, atol=1e-6)
+        got = tensor(hf.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        got = tensor(hf.get_image_features(pixel_values=images))
+        torch.testing.assert_close(got, pipe.model.encode_image(images), rtol=0, atol=1e-5)
