@@ -34,6 +34,7 @@ def export_command(
     task: Annotated[
         str, typer.Option(help="pairs (image-caption), or vqa: a JSONL manifest with each image's questions")
     ] = "pairs",
+    language: Annotated[str, typer.Option(help="shapes: en, zh (Chinese texts) or both")] = "en",
 ) -> None:
     """Write a built-in dataset as a caption folder, a csv/tsv/jsonl manifest, or WebDataset shards; with
     --task vqa, as the VQA manifest `duomo beit3-train vqa --data` reads."""
@@ -46,7 +47,7 @@ def export_command(
             raise InputError(f"--task vqa writes a JSONL manifest, not {format!r}; drop --format")
         format = "jsonl"  # noqa: A001
     if name == "shapes":
-        options: dict = {"max_objects": max_objects, "caption_style": caption_style}
+        options: dict = {"max_objects": max_objects, "caption_style": caption_style, "language": language}
     elif name == "digits":
         options = {"coloured": coloured}
     else:

@@ -51,6 +51,7 @@ POSITION_PHRASES: dict[str, str] = {
 BACKGROUNDS: tuple[str, ...] = ("solid", "gradient", "noise")
 CAPTION_STYLES: tuple[str, ...] = ("short", "size", "position", "full", "scene", "terse", "photo", "count")
 SPLITS: tuple[str, ...] = ("train", "val", "heldout")
+LANGUAGES: tuple[str, ...] = ("en", "zh", "both")  # the texts' language; "both": per sample, half each
 # Zero-shot prompts in the wordings of the captions ("a red star", "red star.", "a photo of a red star."):
 # `duomo eval --data shapes` and the benchmarks use these unless given others.
 EVAL_TEMPLATES: tuple[str, ...] = ("a {}", "{}.", "a photo of a {}.", "there is a {}", "a picture of a {}.")
@@ -398,6 +399,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         heldout_seed: int = 0,
         supersample: int = 2,
         label_space: str = "split",
+        language: str = "en",
     ) -> None:
         """Configure the world; nothing is rendered until an index is read.
 
@@ -406,6 +408,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         a memorising model calls an unseen "red star" by a name it saw in training).
         """
         _check_split(split)
+        if language not in LANGUAGES:
+            raise InputError(f"unknown language {language!r}; choose one of {list(LANGUAGES)}")
+        self.language = language
         if label_space not in ("split", "all"):
             raise InputError(f"label_space must be 'split' or 'all', got {label_space!r}")
         if not 1 <= max_objects <= len(POSITIONS):
@@ -452,6 +457,14 @@ class ShapesDataset(torch.utils.data.Dataset):
         scene.metadata["caption"] = make_caption(scene, style, rng)
         scene.metadata["qa"] = make_qa(scene, rng, self._other_pairs)
         scene.metadata["index"] = index
+        if self.language != "en":  # its own generator: the English stream (and the images) stay as they are
+            from duomo.data.shapes_zh import caption_zh, qa_zh
+
+            zh_rng = random.Random(f"duomo-shapes-zh/{self.seed}/{self.split}/{index}")
+            if self.language == "zh" or zh_rng.random() < 0.5:
+                scene.metadata["caption"] = caption_zh(scene, style, zh_rng)
+                scene.metadata["qa"] = qa_zh(scene, scene.metadata["qa"], zh_rng)
+                scene.metadata["language"] = "zh"
         return scene
 
     def texts(self) -> list[str]:
