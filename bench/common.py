@@ -42,7 +42,7 @@ def ship(run: str | Path, target: Path, meta: dict[str, Any], half: bool) -> Pat
     load_into(model, state)
     meta = {**old_meta, **meta, **({"weights_dtype": "float16"} if half else {})}
     if half:  # fp16 halves the file (duomo.load casts back to fp32); a frozen package tower stays as shipped
-        from duomo.models.clip.minilm import package_weight_keys
+        from duomo.io.minilm import package_weight_keys
 
         keep = set(package_weight_keys(model))
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:

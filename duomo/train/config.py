@@ -24,6 +24,8 @@ class TrainConfig:
     pretrained: str | None = None  # a checkpoint to start from (any format duomo.io reads)
     data: str = "shapes"  # "shapes", "digits", or a path (manifest, folder, WebDataset glob)
     data_size: int = 2048  # samples of a built-in world (shapes)
+    data_language: str = "en"  # the built-in shapes world's texts: en, zh or both
+    init_image_from: str | None = None  # start the image tower from this model's (a name or folder)
     # optimisation
     steps: int = 1000  # optimiser steps
     batch_size: int = 64  # per process and micro-batch; one step sees batch_size * accum * world_size pairs

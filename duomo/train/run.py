@@ -44,18 +44,28 @@ def build_model(cfg: TrainConfig) -> CLIP:
         if cfg.loss == "siglip":
             with torch.no_grad():
                 model.logit_scale.fill_(SIGLIP_INIT_SCALE)
+    if cfg.init_image_from:  # e.g. a trained tower kept frozen (lock_image) while a new text tower learns
+        from duomo.io.resolve import read_model
+
+        source, _ = read_model(cfg.init_image_from)
+        try:
+            model.visual.load_state_dict(source.visual.state_dict())
+        except (AttributeError, RuntimeError) as exc:
+            raise InputError(
+                f"init_image_from {cfg.init_image_from!r}: its image tower does not fit ({exc})"
+            ) from exc
     if cfg.loss == "siglip" and model.logit_bias is None:  # SigLIP learns a bias; a CLIP checkpoint has none
         model.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INIT_BIAS))
         model.config = dataclasses.replace(model.config, init_logit_bias=SIGLIP_INIT_BIAS)
     return model
 
 
-def build_dataset(spec: str, image_size: int, size: int = 2048) -> Dataset:
+def build_dataset(spec: str, image_size: int, size: int = 2048, language: str = "en") -> Dataset:
     """Training pairs: "shapes", "digits", or a path (caption folder, ImageFolder, manifest, WDS shards)."""
     if spec == "shapes":
         from duomo.data.shapes import ShapesDataset
 
-        return ShapesDataset("train", size=size, image_size=image_size)
+        return ShapesDataset("train", size=size, image_size=image_size, language=language)
     if spec == "digits":
         from duomo.data.digits import DigitsDataset
 
@@ -110,7 +120,7 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> dict[str, Any]:
         seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         model = build_model(cfg)
         vision = model.config.vision
-        dataset = build_dataset(cfg.data, vision.image_size, cfg.data_size)
+        dataset = build_dataset(cfg.data, vision.image_size, cfg.data_size, cfg.data_language)
         loaders = pair_loader_factory(
             dataset,
             image_transform(vision.image_size, vision.mean, vision.std, train=True),
