@@ -108,8 +108,9 @@ def fill_package_weights(model: nn.Module) -> None:
 
 
 def _minilm_tower(model: nn.Module) -> MiniLMTextTower | None:
+    """The model's MiniLM text tower; None for other towers, a BERT one of the "bert" kind included."""
     tower = getattr(model, "text", None)
-    return tower if isinstance(tower, MiniLMTextTower) else None
+    return tower if isinstance(tower, MiniLMTextTower) and tower.cfg.kind == "minilm" else None
 
 
 def _source(tower: MiniLMTextTower) -> str | None:

@@ -165,3 +165,14 @@ def test_export_to_transformers_round_trips(reference: torch.nn.Module, tmp_path
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         got = tensor(hf.get_image_features(pixel_values=images))
         torch.testing.assert_close(got, pipe.model.encode_image(images), rtol=0, atol=1e-5)
+
+
+def test_a_bert_tower_model_saves_in_duomos_format(reference: torch.nn.Module, tmp_path: Path) -> None:
+    """A 'bert' tower is not MiniLM's: its encoder is saved with the model, never left to a package."""
+    torch.save(reference.state_dict(), tmp_path / "cn.pt")
+    pipe = duomo.load(tmp_path / "cn.pt")
+    pipe.save(tmp_path / "native")
+    again = duomo.load(tmp_path / "native")
+    ids = pipe.tokenizer(TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model.encode_text(ids), pipe.model.encode_text(ids), rtol=0, atol=0)
