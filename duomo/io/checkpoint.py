@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from duomo.errors import CheckpointError, ConfigError
+from duomo.io.altclip import is_hf_altclip, read_hf_altclip
 from duomo.io.cnclip import cnclip_config, cnclip_to_duomo, is_hf_chinese_clip, read_hf_chinese_clip
 from duomo.io.files import (
     TORCH_SUFFIXES,
@@ -175,6 +176,8 @@ def read_checkpoint(
     try:
         if path.is_dir() and is_native(path):
             cfg, sd, _ = load_native(path)
+        elif path.is_dir() and is_hf_altclip(path):
+            cfg, sd = read_hf_altclip(path)
         elif path.is_dir() and is_hf_chinese_clip(path):
             cfg, sd = read_hf_chinese_clip(path)
         elif path.is_dir() and is_hf_dir(path):

@@ -92,7 +92,8 @@ def _minilm(cfg: Any, **_: Any) -> Any:
 def _xlmr(cfg: Any, spm_path: str | os.PathLike | None = None, **_: Any) -> Any:
     from duomo.data.tokenizers.xlmr import shared_beit3_tokenizer
 
-    return shared_beit3_tokenizer(spm_path)
+    extra = getattr(cfg, "extra", None) or {}
+    return shared_beit3_tokenizer(spm_path or extra.get("spm"))  # a folder may bring its own .spm
 
 
 register_tokenizer("clip", _clip)

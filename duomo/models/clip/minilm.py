@@ -63,9 +63,13 @@ class BertEncoder(nn.Module):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states of token ids [B, T] where `mask` [B, T] (bool) marks the real tokens."""
-        x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]] + self.type_embed
+    def forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states of token ids [B, T] where `mask` [B, T] (bool) marks the real tokens; `positions`
+        [B, T] index the position table (default 0..T-1; RoBERTa's start after its padding id)."""
+        pos = self.pos_embed[: ids.shape[1]] if positions is None else self.pos_embed[positions]
+        x = self.token_embed(ids) + pos + self.type_embed
         x = self.embed_norm(x)
         attn_mask = mask[:, None, None, :]  # every query may attend to every real key
         x = run_blocks(self.blocks, x, attn_mask, checkpointing=self.grad_checkpointing and self.training)
@@ -94,9 +98,17 @@ class MiniLMTextTower(nn.Module):
             raise ValueError(f"context_length {cfg.context_length} exceeds BERT's {MAX_POSITIONS} positions")
         self.cfg = cfg
         self.context_length = cfg.context_length
-        self.encoder = BertEncoder(cfg)
-        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
+        # BERT pads with 0 and counts positions from 0; RoBERTa / XLM-R (AltCLIP) pad with 1 and count from 2
+        self.pad_id = int(cfg.extra.get("pad_id", PAD_ID))
+        self.roberta_positions = cfg.extra.get("positions") == "roberta"
+        self.encoder = BertEncoder(cfg, int(cfg.extra.get("max_positions", MAX_POSITIONS)))
+        # AltCLIP's head: LayerNorm and a linear map of every state before [CLS] pooling, then the projection
+        project_dim = cfg.extra.get("project_dim")
+        self.pre_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if project_dim else None
+        self.transformation = nn.Linear(cfg.width, int(project_dim)) if project_dim else None
+        width = int(project_dim) if project_dim else cfg.width
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=width**-0.5)
         self.source: str | None = None  # the MiniLM folder the encoder weights were read from, if any
 
     def features_frozen(self) -> bool:
@@ -111,13 +123,18 @@ class MiniLMTextTower(nn.Module):
             raise ValueError(
                 f"sequence length {tokens.shape[1]} exceeds the context length {self.context_length}"
             )
-        mask = tokens != PAD_ID
+        mask = tokens != self.pad_id
         # Padding is masked out everywhere and positions are absolute, so trailing pad columns change
         # nothing: dropping them makes the cost follow the longest text, not the context length.
         if self.trim_padding:
             length = max(1, int(mask.sum(dim=1).max()))
             tokens, mask = tokens[:, :length], mask[:, :length]
-        states = self.encoder(tokens, mask)
+        positions = None
+        if self.roberta_positions:  # fairseq: real tokens count from pad_id + 1, padding sits at pad_id
+            positions = torch.cumsum(mask.long(), dim=1) * mask.long() + self.pad_id
+        states = self.encoder(tokens, mask, positions)
+        if self.transformation is not None:
+            states = self.transformation(self.pre_norm(states))
         return mean_pool(states, mask) if self.cfg.pool == "mean" else states[:, 0]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
