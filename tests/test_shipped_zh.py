@@ -41,3 +41,25 @@ def test_a_chinese_query_finds_the_image_an_english_one_finds(pipe: duomo.Pipeli
     top_zh, top_en = (images @ zh.T).squeeze(1).topk(3).indices, (images @ en.T).squeeze(1).topk(3).indices
     names = [ds.scene(int(i)).main.name for i in top_zh]
     assert names[0] == main.name and int(top_zh[0]) in top_en.tolist()
+
+
+def test_the_server_takes_chinese_input(tmp_path) -> None:  # noqa: ANN001
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from duomo.serve import ServeSettings, create_app
+
+    ds = ShapesDataset("val", size=4, image_size=64, seed=5, max_objects=1)
+    main = ds.scene(0).main
+    buf = io.BytesIO()
+    ds[0]["image"].save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    labels = [name_zh(main.colour, main.shape), "蓝色十字" if main.name != "blue cross" else "红色心形"]
+    with TestClient(create_app(ServeSettings(use_index=False, model="shapes-zh"))) as client:
+        r = client.post("/v1/embeddings", json={"input": ["一个红色的五角星", "红色五角星。"]})
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        r = client.post("/classify", json={"image": image, "labels": labels})
+        assert r.status_code == 200, r.text
+        assert r.json()["labels"][0]["label"] == labels[0]
