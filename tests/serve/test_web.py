@@ -224,3 +224,30 @@ def test_task_panel_is_hidden_without_task_models(page_at: tuple) -> None:
     page.wait_for_selector("[data-testid=server-info]:not(:empty)")
     page.wait_for_function("!document.getElementById('server-info').textContent.includes('connecting')")
     assert not page.locator("[data-testid=tasks]").is_visible()
+
+
+def test_the_page_in_chinese(
+    browser, image_index: tuple[Path, Path], pipeline: duomo.Pipeline, tmp_path: Path
+) -> None:  # noqa: ANN001
+    """A zh-CN browser gets the interface in Chinese (CSP enforced) and searches with a Chinese query."""
+    index_dir, _ = image_index
+    app = create_app(ServeSettings(index_dir=index_dir), pipeline=pipeline)
+    with live_server(app) as url:
+        context = browser.new_context(locale="zh-CN", viewport={"width": 1100, "height": 800})
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        problems: list[str] = []
+        page.on("pageerror", lambda err: problems.append(str(err)))
+        page.goto(url + "/")
+        assert page.get_attribute("html", "lang") == "zh-CN"
+        assert page.inner_text("[data-testid=search-button]") == "搜索"
+        assert "例如" in page.get_attribute("[data-testid=query]", "placeholder")
+        page.wait_for_selector("text=已索引 9 张图片")
+        page.fill("[data-testid=query]", "一个红色的圆形")
+        page.click("[data-testid=search-button]")
+        page.wait_for_selector("[data-testid=result] img")
+        assert "个结果" in page.inner_text("[data-testid=status]")
+        assert len(result_cards(page)) == 9
+        save_artifact(page, tmp_path, "serve-chinese.png")
+        context.close()
+        assert not problems, problems

@@ -70,10 +70,10 @@ function render(data, what) {
   if (results.length === 0) {
     setStatus(data.index_size === 0
       ? "The index is empty: add images with `duomo index DIR`, then search again."
-      : "No results for " + what + ".", "empty");
+      : t("noResults", {what}), "empty");
     return;
   }
-  setStatus(results.length + " results for " + what + " (of " + data.index_size + " indexed images)");
+  setStatus(t("results", {n: results.length, what, total: data.index_size}));
   for (const hit of results) {
     const card = document.createElement("figure");
     card.className = "card";
@@ -99,7 +99,7 @@ function render(data, what) {
 
 function busy(on) {
   $("search-button").disabled = on;
-  if (on) setStatus("searching…");
+  if (on) setStatus(t("searching"));
 }
 
 function hidePreview() {
@@ -111,7 +111,7 @@ function hidePreview() {
 
 async function searchText(query) {
   hidePreview();
-  if (!query.trim()) { setStatus("Type something to search for, or drop an example image.", "empty"); return; }
+  if (!query.trim()) { setStatus(t("typeSomething"), "empty"); return; }
   busy(true);
   try {
     const url = "/search?" + new URLSearchParams({ q: query, k: $("k").value });
@@ -199,9 +199,9 @@ async function loadInfo() {
     $("auth").hidden = !info.auth_required;
     const index = info.index || {};
     const indexText = index.ready
-      ? index.size + " images indexed"
+      ? t("indexed", {n: index.size})
       : "no index (" + (index.error || "search unavailable") + ")";
-    $("server-info").textContent = "model " + info.model + " · " + indexText;
+    $("server-info").textContent = t("serverInfo", {model: info.model, index: indexText});
     const tasks = info.tasks || {};
     $("tasks").hidden = !(tasks.vqa || tasks.caption);
     $("question").hidden = $("ask-button").hidden = !tasks.vqa;
