@@ -142,7 +142,9 @@ def convert(
     dst: Path = typer.Argument(
         ..., help="Output directory (duomo, hf, onnx) or file (.safetensors/.pt for openclip)."
     ),
-    to: str = typer.Option("duomo", "--to", "-t", help="Target format: duomo, hf, openclip or onnx."),
+    to: str = typer.Option(
+        "duomo", "--to", "-t", help="Target format: duomo, hf, openclip, cnclip (Chinese-CLIP .pt) or onnx."
+    ),
     model: str = typer.Option(None, "--model", "-m", help="Config name for raw state dicts (else inferred)."),
     quick_gelu: bool = typer.Option(
         None, "--quick-gelu/--no-quick-gelu", help="Activation of raw OpenCLIP dicts."

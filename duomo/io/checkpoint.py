@@ -41,7 +41,7 @@ from duomo.models import CLIP, CLIPConfig, create_model
 from duomo.nn import skip_init
 
 FORMATS = ("duomo", "hf", "openclip", "openai-jit")
-EXPORT_FORMATS = ("duomo", "hf", "openclip")
+EXPORT_FORMATS = ("duomo", "hf", "openclip", "cnclip")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 OPENCLIP_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -247,6 +247,10 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str = "duomo") -> Pat
     if fmt == "duomo":
         return save_native(model, path)
     text_kind = model_config(model).text.kind
+    if fmt == "cnclip":  # Chinese-CLIP in the cn_clip package's own layout
+        from duomo.io.cnclip import export_cnclip
+
+        return export_cnclip(model, path)
     if fmt == "hf" and text_kind == "bert":  # Chinese-CLIP: transformers' ChineseCLIPModel
         from duomo.io.cnclip import export_hf_chinese_clip
 

@@ -242,3 +242,33 @@ def export_hf_chinese_clip(model: torch.nn.Module, out_dir: str | os.PathLike) -
     write_json(preprocessor_config(cfg), out_dir / "preprocessor_config.json")
     write_json(config, out_dir / "config.json")
     return out_dir
+
+
+def duomo_to_cnclip(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A duomo Chinese-CLIP (ViT + "bert" tower) -> cn_clip's state-dict names."""
+    from duomo.io.native import model_config
+    from duomo.io.openclip import duomo_to_openclip
+
+    cfg = model_config(model)
+    if cfg.text.kind != "bert" or cfg.text.pool != "first" or cfg.text.extra.get("project_dim"):
+        raise CheckpointError("only a CLIP with a plain 'bert' text tower ([CLS] pooling) is a cn_clip model")
+    state = model.state_dict()
+    vision = {k: v for k, v in state.items() if k.startswith("visual.")}
+    out = {k: v for k, v in duomo_to_openclip(vision).items() if k.startswith("visual.")}
+    text = {k.removeprefix("text.encoder."): v for k, v in state.items() if k.startswith("text.encoder.")}
+    out.update({f"bert.{k}": v for k, v in duomo_to_bert(text, cfg.text.layers).items()})
+    out["text_projection"] = state["text.proj.weight"].t().contiguous()
+    out["logit_scale"] = state["logit_scale"]
+    return out
+
+
+def export_cnclip(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Write a cn_clip checkpoint (.pt: {"state_dict": {"module." + name: tensor}}, as cn_clip saves them)."""
+    from duomo.io.files import atomic_write, contiguous
+
+    path = Path(path)
+    if path.suffix not in (".pt", ".pth"):
+        raise CheckpointError(f"name the cn_clip checkpoint .pt, not {path.name!r}")
+    state = {f"module.{k}": v for k, v in contiguous(duomo_to_cnclip(model)).items()}
+    atomic_write(path, lambda tmp: torch.save({"state_dict": state}, tmp))
+    return path

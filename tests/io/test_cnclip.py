@@ -176,3 +176,37 @@ def test_a_bert_tower_model_saves_in_duomos_format(reference: torch.nn.Module, t
     ids = pipe.tokenizer(TEXTS)
     with torch.no_grad():
         torch.testing.assert_close(again.model.encode_text(ids), pipe.model.encode_text(ids), rtol=0, atol=0)
+
+
+def test_export_to_cn_clip_round_trips(reference: torch.nn.Module, tmp_path: Path) -> None:
+    torch.save(reference.state_dict(), tmp_path / "cn.pt")
+    pipe = duomo.load(tmp_path / "cn.pt")
+    pipe.save(tmp_path / "back.pt", fmt="cnclip")
+    saved = torch.load(tmp_path / "back.pt", weights_only=True)["state_dict"]
+    assert set(k.removeprefix("module.") for k in saved) == set(reference.state_dict())
+    ids = pipe.tokenizer(TEXTS)
+    images = torch.randn(2, 3, 32, 32)
+    import copy
+
+    other = copy.deepcopy(reference)
+    other.load_state_dict({k.removeprefix("module."): v for k, v in saved.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(other.encode_text(ids), reference.encode_text(ids), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            other.encode_image(images), reference.encode_image(images), rtol=0, atol=1e-6
+        )
+
+
+def test_unmapped_scripts_give_unk_and_a_missing_vocabulary_names_the_package(monkeypatch) -> None:  # noqa: ANN001
+    import importlib.util as util
+
+    from duomo.data.tokenizers.wordpiece import BertWordPieceTokenizer, cn_clip_vocab
+    from duomo.errors import ConfigError
+
+    tok = BertWordPieceTokenizer(cn_clip_vocab())
+    ids = tok(["𒀀𒀁 ꙮ", "🜁🜂"])  # cuneiform, a rare Cyrillic letter, alchemical symbols
+    unk = tok.tokenizer.token_to_id("[UNK]")
+    assert (ids == unk).any(dim=1).all()  # [UNK]-based, never an error
+    monkeypatch.setattr(util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="pip install --no-deps cn-clip"):
+        cn_clip_vocab()
