@@ -390,6 +390,10 @@ def test_vqa_questions_use_the_config_tokenizer(monkeypatch: pytest.MonkeyPatch,
     image = Image.new("RGB", (32, 32), "red")
     text, prob = answer(model, image, "what color is the star?", spm_path=path)
     assert text in ANSWERS and 0.0 <= prob <= 1.0
+    text, prob = answer(
+        model, image, "星星是什么颜色的？", spm_path=path
+    )  # Chinese: XLM-R ids (or <unk>), no error
+    assert text in ANSWERS and 0.0 <= prob <= 1.0
     with pytest.raises(ConfigError, match=SPM_ENV):
         answer(model, image, "what color is the star?")
 
