@@ -17,6 +17,8 @@ import torch
 
 from duomo.errors import CheckpointError, ConfigError
 from duomo.io.files import read_json
+from duomo.io.hf import hf_vision_fields
+from duomo.io.openclip import mlp_ratio
 from duomo.models.clip.config import CLIPConfig
 from duomo.models.clip.minilm import bert_to_duomo
 
@@ -27,26 +29,28 @@ def is_hf_altclip(path: str | os.PathLike) -> bool:
     return config.is_file() and read_json(config).get("model_type") == "altclip"
 
 
+# transformers' AltCLIPVisionConfig defaults (ViT-L-14), for keys a config.json leaves out
+ALTCLIP_VISION_DEFAULTS: dict[str, Any] = {
+    "image_size": 224,
+    "patch_size": 14,
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+}
+
+
 def altclip_config(config: Mapping[str, Any], spm: str | None = None) -> CLIPConfig:
     """transformers AltCLIPConfig dict -> `CLIPConfig`."""
     vc, tc = config.get("vision_config") or {}, config.get("text_config") or {}
     try:
-        v_width, t_width = vc.get("hidden_size", 1024), tc.get("hidden_size", 1024)
+        t_width = tc.get("hidden_size", 1024)
         pad = tc.get("pad_token_id", 1)
         return CLIPConfig.from_dict(
             {
                 "embed_dim": config.get("projection_dim", 768),
                 "init_logit_scale": config.get("logit_scale_init_value", 2.6592),
-                "vision": {
-                    "image_size": vc.get("image_size", 224),
-                    "patch_size": vc.get("patch_size", 14),
-                    "width": v_width,
-                    "layers": vc.get("num_hidden_layers", 24),
-                    "heads": vc.get("num_attention_heads", 16),
-                    "mlp_ratio": vc.get("intermediate_size", 4096) / v_width,
-                    "act": vc.get("hidden_act", "quick_gelu"),
-                    "norm_eps": vc.get("layer_norm_eps", 1e-5),
-                },
+                "vision": hf_vision_fields(vc, defaults=ALTCLIP_VISION_DEFAULTS),
                 "text": {
                     "kind": "bert",
                     "tokenizer": "beit3-spm",
@@ -56,7 +60,7 @@ def altclip_config(config: Mapping[str, Any], spm: str | None = None) -> CLIPCon
                     "width": t_width,
                     "layers": tc.get("num_hidden_layers", 24),
                     "heads": tc.get("num_attention_heads", 16),
-                    "mlp_ratio": tc.get("intermediate_size", 4096) / t_width,
+                    "mlp_ratio": mlp_ratio(tc.get("intermediate_size", 4096), t_width),
                     "act": tc.get("hidden_act", "gelu"),
                     "norm_eps": tc.get("layer_norm_eps", 1e-5),
                     "eos_token_id": 2,
@@ -105,15 +109,9 @@ def altclip_to_duomo(sd: Mapping[str, torch.Tensor], layers: int) -> dict[str, t
 
 def read_hf_altclip(directory: str | os.PathLike) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
     """(config, duomo state dict) of a transformers AltCLIPModel directory."""
-    from duomo.io.bounds import check_model_fits
-    from duomo.io.files import load_weights
-    from duomo.io.hf import _hf_weight_files
-    from duomo.models import create_model
+    from duomo.io.hf import read_hf_weights
 
     directory = Path(directory)
     spm = directory / "sentencepiece.bpe.model"
     cfg = altclip_config(read_json(directory / "config.json"), str(spm) if spm.is_file() else None)
-    files = _hf_weight_files(directory)
-    check_model_fits(lambda: create_model(cfg), files, str(directory))
-    sd = {k: v for f in files for k, v in load_weights(f).items()}
-    return cfg, altclip_to_duomo(sd, cfg.text.layers)
+    return cfg, altclip_to_duomo(read_hf_weights(directory, cfg), cfg.text.layers)

@@ -19,7 +19,7 @@ import torch
 
 from duomo.errors import CheckpointError, ConfigError
 from duomo.io.files import read_json
-from duomo.io.openclip import openclip_to_duomo
+from duomo.io.openclip import mlp_ratio, openclip_to_duomo
 from duomo.models.clip.config import CLIPConfig
 from duomo.models.clip.minilm import bert_to_duomo
 
@@ -63,7 +63,7 @@ def cnclip_config(sd: Mapping[str, torch.Tensor], context_length: int = 52) -> C
                 "layers": vis_layers,
                 "heads": width // 64,
                 "act": "quick_gelu",  # cn_clip's ViT is OpenAI's
-                "mlp_ratio": sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+                "mlp_ratio": mlp_ratio(sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], width),
             },
             "text": {
                 "kind": "bert",
@@ -74,7 +74,7 @@ def cnclip_config(sd: Mapping[str, torch.Tensor], context_length: int = 52) -> C
                 "width": hidden,
                 "layers": txt_layers,
                 "heads": max(1, hidden // 64),
-                "mlp_ratio": inter / hidden,
+                "mlp_ratio": mlp_ratio(inter, hidden),
                 "norm_eps": 1e-12,
                 "eos_token_id": 102,
             },
@@ -93,21 +93,12 @@ def is_hf_chinese_clip(path: str | os.PathLike) -> bool:
 
 def hf_chinese_clip_config(config: Mapping[str, Any], preprocessor: Mapping[str, Any] | None) -> CLIPConfig:
     """transformers ChineseCLIPConfig dict -> `CLIPConfig` (a ViT and a "bert" text tower)."""
+    from duomo.io.hf import hf_vision_fields
+
     vc, tc = config.get("vision_config") or {}, config.get("text_config") or {}
     try:
-        v_width, t_width = vc.get("hidden_size", 768), tc.get("hidden_size", 768)
-        vision = {
-            "image_size": vc.get("image_size", 224),
-            "patch_size": vc.get("patch_size", 32),
-            "width": v_width,
-            "layers": vc.get("num_hidden_layers", 12),
-            "heads": vc.get("num_attention_heads", 12),
-            "mlp_ratio": vc.get("intermediate_size", 3072) / v_width,
-            "act": vc.get("hidden_act", "quick_gelu"),
-            "norm_eps": vc.get("layer_norm_eps", 1e-5),
-        }
-        if preprocessor and "image_mean" in preprocessor and "image_std" in preprocessor:
-            vision["mean"], vision["std"] = preprocessor["image_mean"], preprocessor["image_std"]
+        t_width = tc.get("hidden_size", 768)
+        vision = hf_vision_fields(vc, preprocessor)
         text = {
             "kind": "bert",
             "tokenizer": "bert-wordpiece",
@@ -117,7 +108,7 @@ def hf_chinese_clip_config(config: Mapping[str, Any], preprocessor: Mapping[str,
             "width": t_width,
             "layers": tc.get("num_hidden_layers", 12),
             "heads": tc.get("num_attention_heads", 12),
-            "mlp_ratio": tc.get("intermediate_size", 3072) / t_width,
+            "mlp_ratio": mlp_ratio(tc.get("intermediate_size", 3072), t_width),
             "act": tc.get("hidden_act", "gelu"),
             "norm_eps": tc.get("layer_norm_eps", 1e-12),
             "eos_token_id": 102,
@@ -151,20 +142,11 @@ def hf_chinese_clip_to_duomo(sd: Mapping[str, torch.Tensor], layers: int) -> dic
 
 def read_hf_chinese_clip(directory: str | os.PathLike) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
     """(config, duomo state dict) of a transformers ChineseCLIPModel directory."""
-    from duomo.io.bounds import check_model_fits
-    from duomo.io.files import load_weights
-    from duomo.io.hf import _hf_weight_files
-    from duomo.models import create_model
+    from duomo.io.hf import read_hf_weights, read_preprocessor
 
     directory = Path(directory)
-    preprocessor = directory / "preprocessor_config.json"
-    cfg = hf_chinese_clip_config(
-        read_json(directory / "config.json"), read_json(preprocessor) if preprocessor.is_file() else None
-    )
-    files = _hf_weight_files(directory)
-    check_model_fits(lambda: create_model(cfg), files, str(directory))
-    sd = {k: v for f in files for k, v in load_weights(f).items()}
-    return cfg, hf_chinese_clip_to_duomo(sd, cfg.text.layers)
+    cfg = hf_chinese_clip_config(read_json(directory / "config.json"), read_preprocessor(directory))
+    return cfg, hf_chinese_clip_to_duomo(read_hf_weights(directory, cfg), cfg.text.layers)
 
 
 def duomo_to_bert(sd: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:

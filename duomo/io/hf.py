@@ -131,6 +131,40 @@ def _act(name: str, tower: str) -> str:
     return ACTS_FROM_HF[name]
 
 
+# transformers' CLIPVisionConfig defaults (ViT-B-32), for keys a config.json leaves out
+CLIP_VISION_DEFAULTS: dict[str, Any] = {
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+}
+
+
+def hf_vision_fields(
+    vc: Mapping[str, Any],
+    preprocessor: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] = CLIP_VISION_DEFAULTS,
+) -> dict[str, Any]:
+    """duomo's `vision` section of a transformers CLIP-style vision config (CLIP, Chinese-CLIP and AltCLIP
+    share it), with the mean/std of a preprocessor_config.json when there is one."""
+    v = {**defaults, **vc}
+    vision = {
+        "image_size": v["image_size"],
+        "patch_size": v["patch_size"],
+        "width": v["hidden_size"],
+        "layers": v["num_hidden_layers"],
+        "heads": v["num_attention_heads"],
+        "mlp_ratio": mlp_ratio(v["intermediate_size"], v["hidden_size"]),
+        "act": _act(v.get("hidden_act", "quick_gelu"), "vision"),
+        "norm_eps": v.get("layer_norm_eps", 1e-5),
+    }
+    if preprocessor and "image_mean" in preprocessor and "image_std" in preprocessor:
+        vision["mean"], vision["std"] = preprocessor["image_mean"], preprocessor["image_std"]
+    return vision
+
+
 def hf_config_to_duomo(
     config: Mapping[str, Any], preprocessor: Mapping[str, Any] | None = None
 ) -> CLIPConfig:
@@ -143,17 +177,8 @@ def hf_config_to_duomo(
     vc = {**(config.get("vision_config") or {}), **(config.get("vision_config_dict") or {})}
     tc = {**(config.get("text_config") or {}), **(config.get("text_config_dict") or {})}
     try:
-        v_width, t_width = vc.get("hidden_size", 768), tc.get("hidden_size", 512)
-        vision = {
-            "image_size": vc.get("image_size", 224),
-            "patch_size": vc.get("patch_size", 32),
-            "width": v_width,
-            "layers": vc.get("num_hidden_layers", 12),
-            "heads": vc.get("num_attention_heads", 12),
-            "mlp_ratio": mlp_ratio(vc.get("intermediate_size", 3072), v_width),
-            "act": _act(vc.get("hidden_act", "quick_gelu"), "vision"),
-            "norm_eps": vc.get("layer_norm_eps", 1e-5),
-        }
+        t_width = tc.get("hidden_size", 512)
+        vision = hf_vision_fields(vc, preprocessor)
         eos = tc.get("eos_token_id", 49407)
         text = {
             "vocab_size": tc.get("vocab_size", 49408),
@@ -167,8 +192,6 @@ def hf_config_to_duomo(
             "pool": "argmax" if eos == LEGACY_ARGMAX_EOS else "eos",
             "eos_token_id": TextConfig.eos_token_id if eos == LEGACY_ARGMAX_EOS else eos,
         }
-        if preprocessor and "image_mean" in preprocessor and "image_std" in preprocessor:
-            vision["mean"], vision["std"] = preprocessor["image_mean"], preprocessor["image_std"]
         return CLIPConfig.from_dict(
             {
                 "embed_dim": config.get("projection_dim", 512),
@@ -279,16 +302,25 @@ def _hf_weight_files(directory: Path) -> list[Path]:
     )
 
 
+def read_hf_weights(directory: Path, cfg: CLIPConfig) -> StateDict:
+    """The raw state dict of a transformers model folder (one file or shards), once its config is known to
+    fit the weights' size (checked before any weight is read)."""
+    files = _hf_weight_files(directory)
+    check_model_fits(lambda: create_model(cfg), files, str(directory))
+    return {k: v for f in files for k, v in load_weights(f).items()}
+
+
+def read_preprocessor(directory: Path) -> dict[str, Any] | None:
+    """preprocessor_config.json of a transformers folder, if it has one."""
+    path = directory / "preprocessor_config.json"
+    return read_json(path) if path.is_file() else None
+
+
 def read_hf(directory: str | os.PathLike) -> tuple[CLIPConfig, StateDict]:
     """Read a transformers CLIPModel directory -> (config, duomo state dict)."""
     directory = Path(directory)
-    preprocessor = directory / "preprocessor_config.json"
-    cfg = hf_config_to_duomo(
-        read_json(directory / "config.json"), read_json(preprocessor) if preprocessor.is_file() else None
-    )
-    files = _hf_weight_files(directory)
-    check_model_fits(lambda: create_model(cfg), files, str(directory))  # before any weight is read
-    return cfg, hf_to_duomo({k: v for f in files for k, v in load_weights(f).items()})
+    cfg = hf_config_to_duomo(read_json(directory / "config.json"), read_preprocessor(directory))
+    return cfg, hf_to_duomo(read_hf_weights(directory, cfg))
 
 
 def export_hf(model: nn.Module, out_dir: str | os.PathLike) -> Path:
