@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.io.reference_helpers import features, perturb
+
 
 def test_an_altclip_directory_loads_with_exact_embeddings(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
@@ -34,9 +36,7 @@ def test_an_altclip_directory_loads_with_exact_embeddings(tmp_path: Path) -> Non
     )
     torch.manual_seed(0)
     ref = transformers.AltCLIPModel(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    perturb(ref)
     ref.save_pretrained(tmp_path / "alt")
     from duomo.io import load_model
 
@@ -44,12 +44,9 @@ def test_an_altclip_directory_loads_with_exact_embeddings(tmp_path: Path) -> Non
     ids = torch.tensor([[0, 17, 42, 99, 2, 1, 1], [0, 5, 2, 1, 1, 1, 1], [0, 8, 9, 10, 11, 12, 2]])
     images = torch.randn(2, 3, 32, 32)
 
-    def tensor(out):  # noqa: ANN001, ANN202  (transformers 5 may wrap features in an output object)
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
     with torch.no_grad():
-        want = tensor(ref.get_text_features(input_ids=ids, attention_mask=(ids != 1).long()))
+        want = features(ref.get_text_features(input_ids=ids, attention_mask=(ids != 1).long()))
         torch.testing.assert_close(model.encode_text(ids), want, rtol=0, atol=1e-5)
-        want = tensor(ref.get_image_features(pixel_values=images))
+        want = features(ref.get_image_features(pixel_values=images))
         torch.testing.assert_close(model.encode_image(images), want, rtol=0, atol=1e-5)
     assert model.config.text.extra["positions"] == "roberta" and model.config.text.tokenizer == "beit3-spm"

@@ -12,6 +12,7 @@ import torch
 import duomo
 from duomo.data.tokenizers import build_tokenizer
 from duomo.io.cnclip import cnclip_config, cnclip_to_duomo, is_cnclip
+from tests.io.reference_helpers import features, perturb
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("cn_clip") is None or importlib.util.find_spec("six") is None,
@@ -51,9 +52,7 @@ def reference() -> torch.nn.Module:
         text_num_hidden_layers=2,
         text_type_vocab_size=2,
     ).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    perturb(model)
     return model
 
 
@@ -127,20 +126,15 @@ def test_a_transformers_chinese_clip_directory_loads_with_exact_embeddings(tmp_p
     )
     torch.manual_seed(0)
     ref = transformers.ChineseCLIPModel(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    perturb(ref)
     ref.save_pretrained(tmp_path / "hf")
     pipe = duomo.load(tmp_path / "hf")
     ids = pipe.tokenizer(TEXTS)
     images = torch.randn(2, 3, 32, 32)
 
-    def tensor(out):  # noqa: ANN001, ANN202  (transformers 5 may wrap features in an output object)
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
     with torch.no_grad():
-        want_text = tensor(ref.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()))
-        want_image = tensor(ref.get_image_features(pixel_values=images))
+        want_text = features(ref.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()))
+        want_image = features(ref.get_image_features(pixel_values=images))
         torch.testing.assert_close(pipe.model.encode_text(ids), want_text, rtol=0, atol=1e-5)
         torch.testing.assert_close(pipe.model.encode_image(images), want_image, rtol=0, atol=1e-5)
 
@@ -155,15 +149,12 @@ def test_export_to_transformers_round_trips(reference: torch.nn.Module, tmp_path
     ids = pipe.tokenizer(TEXTS)
     images = torch.randn(2, 3, 32, 32)
 
-    def tensor(out):  # noqa: ANN001, ANN202
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
     with torch.no_grad():
         want = pipe.model.encode_text(ids)
         torch.testing.assert_close(again.model.encode_text(ids), want, rtol=0, atol=1e-6)
-        got = tensor(hf.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()))
+        got = features(hf.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        got = tensor(hf.get_image_features(pixel_values=images))
+        got = features(hf.get_image_features(pixel_values=images))
         torch.testing.assert_close(got, pipe.model.encode_image(images), rtol=0, atol=1e-5)
 
 
