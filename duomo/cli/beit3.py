@@ -34,23 +34,19 @@ def ask_command(
     spm: Path = SpmOpt,
 ) -> None:
     """Answer a question about an image with a BEiT-3 VQA model; prints the answer and its probability."""
-    from duomo.api.beit3 import VQAPipeline, load_task_pipeline
-
     path = _image_path(image)
-    vqa = _pipeline(load_task_pipeline, model, VQAPipeline, spm)
+    vqa = _pipeline(model, "vqa", spm)
     text, prob = vqa.ask([path], [question])[0]
     typer.echo(f"{text}\t{prob:.3f}")
 
 
-def _pipeline(load, model: Path, kind: type, spm: Path | None):  # noqa: ANN001, ANN202 - small CLI helper
-    """The task pipeline of a folder, checked to be of the wanted kind."""
-    from duomo.errors import CheckpointError
+def _pipeline(model: Path, task: str, spm: Path | None):  # noqa: ANN202 - a TaskPipeline of that task
+    """The task pipeline of a folder, refused (before its weights are read) unless it is a `task` model."""
+    from duomo.api.beit3 import load_task_pipeline
     from duomo.io.beit3_tasks import read_task_config
 
-    read_task_config(model, kind.task)  # a clear error before loading weights
-    pipe = load(model)
-    if not isinstance(pipe, kind):
-        raise CheckpointError(f"{model} is a {pipe.task!r} model, not a {kind.task!r} model")
+    read_task_config(model, task)
+    pipe = load_task_pipeline(model)
     pipe.spm_path = spm
     return pipe
 
@@ -70,10 +66,8 @@ def caption_command(
     spm: Path = SpmOpt,
 ) -> None:
     """Caption an image with a BEiT-3 captioning model."""
-    from duomo.api.beit3 import CaptionPipeline, load_task_pipeline
-
     path = _image_path(image)
-    pipe = _pipeline(load_task_pipeline, model, CaptionPipeline, spm)
+    pipe = _pipeline(model, "caption", spm)
     typer.echo(pipe.caption([path], beam, max_len, guide, guide_weight)[0])
 
 
