@@ -64,3 +64,23 @@ class TextTransformer(nn.Module):
         x = self.transformer(x, self.attn_mask[:t, :t])
         x = self.norm(x)
         return self.proj(x[torch.arange(x.shape[0], device=x.device), index])
+
+    def token_states(self, tokens: torch.Tensor, skip: int = 0) -> torch.Tensor:
+        """Per-token states [B, T, width] after the final LayerNorm, for conditioning a generator.
+
+        `skip=0` is the last layer's output (Stable Diffusion 1.x); `skip=1` stops one layer early, as SD 2.x
+        and diffusers' `clip_skip=1` do, and still applies the final LayerNorm. Every column is computed: a
+        cross-attending model sees the padding positions too.
+        """
+        if tokens.ndim != 2:
+            raise ValueError(f"expected token ids shaped [B, T], got {tuple(tokens.shape)}")
+        t = tokens.shape[1]
+        if t > self.context_length:
+            raise ValueError(f"sequence length {t} exceeds the context length {self.context_length}")
+        if not 0 <= skip < len(self.transformer.blocks):
+            raise ValueError(f"skip must be in [0, {len(self.transformer.blocks) - 1}], got {skip}")
+        x = self.token_embed(tokens) + self.pos_embed[:t]
+        mask = self.attn_mask[:t, :t]
+        for block in self.transformer.blocks[: len(self.transformer.blocks) - skip]:
+            x = block(x, mask)
+        return self.norm(x)
