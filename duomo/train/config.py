@@ -45,6 +45,7 @@ class TrainConfig:
     lock_text: bool = False  # freeze the text tower
     cache_frozen: bool = True  # compute a frozen (LiT) tower's features once per distinct input
     head_lr_weight: float = 1.0  # task heads (parameters outside the trainer's `body`) learn this much faster
+    ema: float = 0.0  # decay of an exponential moving average of the weights, exported instead (0: off)
     # objective
     loss: str = "clip"  # "clip" (InfoNCE) or "siglip"
     hard_negatives: int = 0  # extra negative captions per image (NegCLIP)
@@ -79,6 +80,7 @@ class TrainConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.wd >= 0, f"wd must be >= 0, got {self.wd}"),
             (self.head_lr_weight > 0, f"head_lr_weight must be > 0, got {self.head_lr_weight}"),
+            (0 <= self.ema < 1, f"ema must be in [0, 1) (0: off), got {self.ema}"),
             (self.hard_negatives >= 0, f"hard_negatives must be >= 0, got {self.hard_negatives}"),
             (self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),

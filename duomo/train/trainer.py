@@ -40,6 +40,7 @@ from duomo.train.distributed import (
     resolve_device,
     wrap_ddp,
 )
+from duomo.train.ema import EMA
 from duomo.train.metrics import MetricsLog, plot_curves
 from duomo.train.optim import build_optimizer, build_scheduler
 
@@ -145,6 +146,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup, cfg.steps, cfg.schedule, cfg.min_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.ema = EMA(self.model, cfg.ema) if cfg.ema else None  # of the trainable weights; exported when on
         # forward through self.ddp; save and inspect self.model
         self.ddp = wrap_ddp(self.model, self.info, find_unused)
 
@@ -239,6 +241,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         stats = self.forward_backward(micro_batches)
         stats["grad_norm"] = self.optimizer_step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         stats["lr"] = lr
         self.step += 1
         return stats
@@ -261,7 +265,7 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly (RNG states of this rank only; see save)."""
-        return {
+        state = {
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -273,6 +277,9 @@ class Trainer:
             "world_size": self.info.world_size,
             "config": self.cfg.to_dict(),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from `state_dict` (on any rank; each takes its own RNG state when it can)."""
@@ -281,6 +288,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint does not fit this model and config: {exc}") from exc
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -323,9 +332,16 @@ class Trainer:
         return True
 
     def export(self) -> Path | None:
-        """Write the final model in duomo's native format to OUT/model (rank 0)."""
+        """Write the final model (its EMA weights when `cfg.ema` is on) in duomo's native format to OUT/model
+        (rank 0)."""
         if not self.info.is_main:
             return None
+        if self.ema is not None:
+            with self.ema.applied(self.model):
+                return self._export()
+        return self._export()
+
+    def _export(self) -> Path:
         if self.export_fn is not None:
             return self.export_fn(self.model, self.out)
         from duomo.io import save_native
