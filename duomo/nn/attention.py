@@ -75,3 +75,27 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (self.split_heads(part) for part in self.qkv(x).split(c, dim=-1))
         out = attend(q, k, v, attn_mask, self.fast).transpose(1, 2).reshape(b, t, c)
         return self.proj(out)
+
+
+class CrossAttention(nn.Module):
+    """Queries from one sequence attend to another (image patches to text tokens), same two kernels."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, bias: bool = True, fast: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.fast = fast
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, N, C] attends over context [B, T, D]; `attn_mask` [B, 1, N or 1, T] as in `attend`."""
+        b, n, c = x.shape
+        q = split_heads(self.q(x), self.num_heads)
+        k, v = (split_heads(part, self.num_heads) for part in self.kv(context).split(c, dim=-1))
+        out = attend(q, k, v, attn_mask, self.fast).transpose(1, 2).reshape(b, n, c)
+        return self.proj(out)
