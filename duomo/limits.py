@@ -19,3 +19,9 @@ MAX_CONFIG_SLACK_BYTES = 64 << 20
 
 # Request bodies: JSON nesting deeper than this is refused before parsing.
 MAX_JSON_DEPTH = 64
+
+# Image generation: images one call may make, sampler steps, prompt length (characters; the tokenizer then
+# truncates to the text tower's context). The server sets its own, lower bounds (docs/generate.md).
+MAX_GENERATE_IMAGES = 1024
+MAX_GENERATE_STEPS = 1000
+MAX_PROMPT_CHARS = 2000

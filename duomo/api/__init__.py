@@ -17,6 +17,7 @@ from duomo.data.tokenizers import build_tokenizer
 from duomo.data.transforms import image_transform
 from duomo.errors import InputError
 from duomo.io.beit3_tasks import is_task_folder
+from duomo.io.generator import is_generator_folder
 from duomo.io.onnx import export_onnx_folder, is_onnx_folder, onnx_cache
 from duomo.io.resolve import WEIGHTS_DIR, default_model_name, list_pretrained, read_model  # noqa: F401 (re-exported)
 from duomo.models import CLIP
@@ -183,7 +184,8 @@ def load(
     """Load a model by config name, shipped checkpoint name, local path (any supported format) or hub id.
 
     `weights` loads a checkpoint into a named config; without weights a config name gives random weights.
-    A folder written by `duomo beit3-train` gives that task's pipeline (`duomo.api.beit3`).
+    A folder written by `duomo beit3-train` gives that task's pipeline (`duomo.api.beit3`); a generator
+    (`shapes-gen`, a folder from `duomo train --task text-to-image`) a `GeneratorPipeline` with `.generate`.
     `backend`: "torch", or "onnxruntime" / "onnxruntime-int8": the model's towers exported once to an ONNX
     folder in duomo's cache (`duomo.io.onnx.onnx_cache`) and run on ONNX Runtime, behind the same Pipeline.
     """
@@ -215,6 +217,11 @@ def load(
         from duomo.api.beit3 import load_task_pipeline
 
         return load_task_pipeline(name, dev)
+    generator = generator_path(name)
+    if generator is not None:
+        from duomo.api.generate import load_generator_pipeline
+
+        return load_generator_pipeline(generator, dev, dtype)
     model, meta = read_model(name, weights, quick_gelu)
     if meta.get("backend") == "onnxruntime":
         if dev.type != "cpu" or dtype != torch.float32:
@@ -224,6 +231,21 @@ def load(
     else:
         model = model.to(dev, dtype)
     return Pipeline(model, dev, name=name, meta=meta)
+
+
+def generator_path(name: str | os.PathLike) -> Path | None:
+    """The generator folder a name means (a shipped name or a path), or None when it is not one."""
+    shipped = WEIGHTS_DIR / str(name)
+    if is_generator_folder(shipped):
+        return shipped
+    return Path(name) if is_generator_folder(name) else None
+
+
+def list_generators() -> list[str]:
+    """Names of the generators shipped inside the package."""
+    if not WEIGHTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if is_generator_folder(p))
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

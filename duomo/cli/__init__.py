@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "duomo.cli.train",
     "duomo.cli.eval",
     "duomo.cli.beit3",
+    "duomo.cli.generate",
 ]
 for _name in COMMAND_MODULES:
     try:

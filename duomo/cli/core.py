@@ -34,15 +34,17 @@ BackendOpt = typer.Option(
 
 def models() -> None:
     """List the built-in model configs and the checkpoints shipped with duomo."""
-    from duomo.api import list_pretrained
+    from duomo.api import list_generators, list_pretrained
     from duomo.models import get_model_config, list_models, model_architecture
 
-    names = list_pretrained() + list_models()
+    names = list_pretrained() + list_generators() + list_models()
     width = max(map(len, names))
     headers = ("name", "kind", "embed", "image", "patch", "vision w×l", "text w×l", "act")
     table = make_table(*headers, key_width=width)
     for name in list_pretrained():
         table.add_row(name, "trained checkpoint", "", "", "", "", "", "")
+    for name in list_generators():
+        table.add_row(name, "trained generator", "", "", "", "", "", "")
     for name in list_models():
         arch = model_architecture(name)
         if arch != "clip":

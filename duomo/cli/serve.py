@@ -28,6 +28,9 @@ def serve(
         help="CLIP guiding /caption's beam search: auto (the one the captioner's image tower came from), "
         "none, or a duomo model name or folder.",
     ),
+    generator: str = typer.Option(
+        None, "--generator", help="Text-to-image generator for /v1/images/generations (e.g. shapes-gen)."
+    ),
     task_timeout: float = typer.Option(
         60.0, "--task-timeout", min=0.001, help="Seconds a /vqa or /caption request may take before a 504."
     ),
@@ -46,7 +49,7 @@ def serve(
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.01, help="Largest request body, in MiB."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
-    """Serve embeddings (OpenAI-compatible), zero-shot classification, image search, VQA, captions, a page."""
+    """Serve embeddings and generated images (OpenAI-compatible), zero-shot labels, search, VQA, captions."""
     import uvicorn
 
     from duomo.serve import ServeSettings, create_app
@@ -62,6 +65,7 @@ def serve(
         vqa_model=vqa_model,
         caption_model=caption_model,
         caption_guide=caption_guide,
+        generator=generator,
         task_timeout_s=task_timeout,
         host=host,
         port=port,

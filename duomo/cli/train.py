@@ -13,7 +13,17 @@ console = Console()
 
 def train(
     config: Path = typer.Option(None, "--config", "-c", help="JSON file of training config fields."),
+    task: str = typer.Option(
+        None, "--task", help="contrastive (CLIP/SigLIP, the default) or text-to-image (a generator)."
+    ),
     model: str = typer.Option(None, "--model", "-m", help="Model config name or JSON path (e.g. ViT-tiny)."),
+    text_from: str = typer.Option(
+        None, "--text-from", help="text-to-image: the CLIP whose frozen text tower conditions the generator."
+    ),
+    ema: float = typer.Option(None, "--ema", help="Export an exponential moving average with this decay."),
+    caption_dropout: float = typer.Option(
+        None, "--caption-dropout", help="text-to-image: share of empty captions (for guidance)."
+    ),
     pretrained: str = typer.Option(
         None, "--pretrained", help="Checkpoint to start from (any format duomo reads)."
     ),
@@ -54,7 +64,8 @@ def train(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Train into an existing non-empty --out."),
 ) -> None:
-    """Train (or fine-tune) a CLIP/SigLIP model on image-text pairs; flags override --config."""
+    """Train (or fine-tune) a CLIP/SigLIP model, or a text-to-image generator, on image-text pairs; flags
+    override --config."""
     flags = {k: v for k, v in locals().items() if k not in ("config", "overwrite")}
     from duomo.cli.paths import check_out_dir
     from duomo.train.config import TrainConfig
@@ -67,7 +78,12 @@ def train(
         check_out_dir(Path(cfg.out), overwrite or cfg.resume is not None)
     if not cfg.quiet:
         logging.getLogger("duomo.train").setLevel(logging.INFO)
-    result = run_training(cfg)
+    if cfg.task == "text-to-image":
+        from duomo.tasks.diffusion.train import train_generator
+
+        result = train_generator(cfg)
+    else:
+        result = run_training(cfg)
     if result.get("model") is not None:
         metrics = result.get("metrics") or {}
         loss_text = f", final loss {metrics['loss']:.4f}" if "loss" in metrics else ""

@@ -29,10 +29,14 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 
 def list_pretrained() -> list[str]:
-    """Names of the duomo-trained checkpoints shipped inside the package."""
+    """Names of the duomo-trained CLIP checkpoints shipped inside the package."""
     if not WEIGHTS_DIR.is_dir():
         return []
-    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").is_file())
+    from duomo.io.generator import is_generator_folder  # generators are listed by duomo.api.generate
+
+    return sorted(
+        p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").is_file() and not is_generator_folder(p)
+    )
 
 
 def default_model_name() -> str:
@@ -92,6 +96,11 @@ def read_model(
         config, state, meta = read_with_meta(WEIGHTS_DIR / name)
     elif name in list_models() or name.endswith(".json"):
         config = None
+        if model_architecture(name) == "text-to-image":
+            raise InputError(
+                f"{name} is a generator config; train one with `duomo train --task text-to-image --model "
+                f"{name} --text-from shapes-tiny`, then duomo.load(its folder) or `duomo generate`"
+            )
         if model_architecture(name) == "beit3":
             raise InputError(
                 f"{name} is a BEiT-3 config; duomo.load builds CLIP pipelines and loads BEiT-3 task "

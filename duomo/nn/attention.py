@@ -80,7 +80,9 @@ class MultiHeadAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Queries from one sequence attend to another (image patches to text tokens), same two kernels."""
 
-    def __init__(self, dim: int, context_dim: int, num_heads: int, bias: bool = True, fast: bool = True) -> None:
+    def __init__(
+        self, dim: int, context_dim: int, num_heads: int, bias: bool = True, fast: bool = True
+    ) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")

@@ -116,12 +116,37 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
     model = ModelService(pipeline, settings, observer=metrics)
     index = IndexService(index_dir, pipeline)
     tasks = TaskService(settings, model.executor, model.decoder, observer=metrics, device=pipeline.device)
-    state = ServerState(settings=settings, metrics=metrics, model=model, index=index, tasks=tasks)
+    generation = None
+    if settings.generator:
+        from duomo.api import load
+        from duomo.api.generate import GeneratorPipeline
+        from duomo.errors import InputError
+        from duomo.serve.generation import GenerationService
+
+        generator = load(settings.generator, device=settings.device)
+        if not isinstance(generator, GeneratorPipeline):
+            raise InputError(f"--generator {settings.generator!r} is not a text-to-image generator")
+        generation = GenerationService(
+            generator,
+            model.executor,
+            name=Path(settings.generator).name,
+            max_batch=settings.generate_batch,
+            max_queue=max(settings.max_generate_n, settings.max_queue // 4),
+            max_n=settings.max_generate_n,
+            max_steps=settings.max_generate_steps,
+            max_side=settings.max_generate_side,
+            observer=metrics,
+        )
+    state = ServerState(
+        settings=settings, metrics=metrics, model=model, index=index, tasks=tasks, generation=generation
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await model.start()
         await tasks.start()
+        if generation is not None:
+            await generation.start()
         log.info("duomo serve: model %s (dim %d), index %s", model.name, model.dim, index.index_dir)
         for task, name in tasks.names.items():
             log.info("duomo serve: /%s model %s", task, name)
@@ -129,6 +154,8 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
             yield
         finally:
             state.draining = True
+            if generation is not None:
+                await generation.close(drain=True, timeout=settings.drain_timeout_s)
             await tasks.close(drain=True)  # before the model service stops the model thread they share
             await model.close(drain=True)
             index.close()

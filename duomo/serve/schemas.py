@@ -197,3 +197,28 @@ class HealthResponse(BaseModel):
     )
     queues: dict[str, QueueHealth]
     limits: dict[str, int]
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's images.generate request, plus duomo's sampler settings (send them in `extra_body`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., description="what to draw")
+    model: str | None = Field(None, description="the served generator's name (or 'default'); None: it")
+    n: int = Field(1, description="images to make")
+    size: str | None = Field(
+        None, description="WxH, square: the generator's own size or a whole multiple of it (upscaled)"
+    )
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json", description="b64_json: base64 PNG; url: the same PNG as a data: URL (nothing is hosted)"
+    )
+    output_format: Literal["png"] = "png"
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    negative_prompt: str | None = Field(None, description="duomo: what to steer away from")
+    steps: int | None = Field(None, description="duomo: sampler steps (default: the generator's)")
+    guidance: float | None = Field(None, description="duomo: classifier-free guidance scale")
+    sampler: str | None = Field(None, description="duomo: dpm, ddim, euler_a or ddpm")
+    seed: int | None = Field(None, description="duomo: image i uses seed + i (default: random)")

@@ -45,6 +45,13 @@ class ServeSettings(BaseModel):
     decode_threads: int = Field(4, ge=1, description="most images decoding at once (bounds pixel memory)")
     max_k: int = Field(200, ge=1, description="most search results per request")
     drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, how long queued work may finish")
+    generator: str | None = Field(
+        None, description="text-to-image generator for /v1/images/generations (e.g. shapes-gen); None: none"
+    )
+    max_generate_n: int = Field(10, ge=1, le=1024, description="most images per generation request")
+    max_generate_steps: int = Field(100, ge=1, le=1000, description="most sampler steps per generation")
+    max_generate_side: int = Field(1024, ge=8, description="largest image side (upscaled), pixels")
+    generate_batch: int = Field(16, ge=1, description="most images in one denoiser call across requests")
     task_timeout_s: float = Field(
         60.0, gt=0, description="longest a /vqa or /caption request may wait and run; beyond it 504"
     )

@@ -13,6 +13,7 @@ from duomo.errors import ConfigError
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOSS_NAMES = ("clip", "siglip")
 SCHEDULES = ("cosine", "const")
+TASKS = ("contrastive", "text-to-image")
 
 
 @dataclass
@@ -20,6 +21,7 @@ class TrainConfig:
     """Everything a training run needs; batch sizes are per process and per micro-batch."""
 
     # what to train on
+    task: str = "contrastive"  # "contrastive" (CLIP/SigLIP towers) or "text-to-image" (a generator)
     model: str = "ViT-tiny"  # a model config name or JSON path
     pretrained: str | None = None  # a checkpoint to start from (any format duomo.io reads)
     data: str = "shapes"  # "shapes", "digits", or a path (manifest, folder, WebDataset glob)
@@ -52,6 +54,10 @@ class TrainConfig:
     local_loss: bool = True
     gather_with_grad: bool = True
     max_logit_scale: float = 100.0  # the temperature is clamped to <= ln(this) after each step
+    # text-to-image objective
+    text_from: str | None = None  # the CLIP whose (frozen) text tower conditions the generator
+    caption_dropout: float = 0.1  # captions replaced by the empty one, for classifier-free guidance
+    min_snr_gamma: float = 5.0  # min-SNR loss weighting (0: plain mean squared error)
     # bookkeeping
     out: str = "runs/train"
     resume: str | None = None  # a checkpoint file, a run folder, or "latest" (this run's --out)
@@ -72,6 +78,9 @@ class TrainConfig:
         checks = [
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.loss in LOSS_NAMES, f"loss must be one of {LOSS_NAMES}, got {self.loss!r}"),
+            (self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}"),
+            (0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
+            (self.min_snr_gamma >= 0, f"min_snr_gamma must be >= 0, got {self.min_snr_gamma}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

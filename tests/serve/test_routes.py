@@ -15,6 +15,7 @@ from duomo.serve.routes import protected, public
 # (method, path) of every route duomo itself serves; FastAPI's /docs and /openapi.json are left out.
 ROUTES_BY_MODULE = {
     "openai": {("POST", "/v1/embeddings"), ("GET", "/v1/models")},
+    "generate": {("POST", "/v1/images/generations")},
     "embeddings": {("POST", "/embed")},
     "classify": {("POST", "/classify")},
     "tasks": {("POST", "/vqa"), ("POST", "/caption")},
@@ -28,6 +29,7 @@ APP_ROUTES = {
     ("MOUNT", "/static"),
     ("POST", "/v1/embeddings"),
     ("GET", "/v1/models"),
+    ("POST", "/v1/images/generations"),
     ("POST", "/embed"),
     ("POST", "/classify"),
     ("POST", "/vqa"),
@@ -42,6 +44,7 @@ APP_ROUTES = {
 OPERATION_IDS = {
     ("post", "/v1/embeddings"): "embeddings_v1_embeddings_post",
     ("get", "/v1/models"): "list_models_v1_models_get",
+    ("post", "/v1/images/generations"): "images_generations_v1_images_generations_post",
     ("post", "/embed"): "embed_embed_post",
     ("post", "/classify"): "classify_classify_post",
     ("post", "/vqa"): "vqa_vqa_post",
@@ -93,5 +96,5 @@ def test_the_documented_operations_are_unchanged(client: TestClient) -> None:
     for method, path in OPERATION_IDS:
         content = paths[path][method].get("requestBody", {}).get("content", {})
         if method == "post":
-            multipart = path not in ("/v1/embeddings",)
+            multipart = path not in ("/v1/embeddings", "/v1/images/generations")
             assert set(content) == {"application/json"} | ({"multipart/form-data"} if multipart else set())

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from duomo.serve.routes import classify, embeddings, health, images, metrics, openai, search, tasks
+from duomo.serve.routes import classify, embeddings, generate, health, images, metrics, openai, search, tasks
 from duomo.serve.schemas import ErrorResponse
 from duomo.serve.security import require_api_key
 
@@ -14,7 +14,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 429, 503)
 }
 PUBLIC = (health, metrics)
-PROTECTED = (openai, embeddings, classify, tasks, search, images)  # in this order in the OpenAPI schema
+# in this order in the OpenAPI schema
+PROTECTED = (openai, generate, embeddings, classify, tasks, search, images)
 
 public = APIRouter()
 for _module in PUBLIC:
