@@ -165,6 +165,51 @@ def hf_vision_fields(
     return vision
 
 
+def hf_text_fields(tc: Mapping[str, Any]) -> dict[str, Any]:
+    """duomo TextConfig fields of a transformers CLIPTextConfig dict (a CLIPModel's text_config, or the
+    config.json of a CLIPTextModel such as Stable Diffusion's text encoder)."""
+    width = tc.get("hidden_size", 512)
+    eos = tc.get("eos_token_id", 49407)
+    return {
+        "vocab_size": tc.get("vocab_size", 49408),
+        "context_length": tc.get("max_position_embeddings", 77),
+        "width": width,
+        "layers": tc.get("num_hidden_layers", 12),
+        "heads": tc.get("num_attention_heads", 8),
+        "mlp_ratio": mlp_ratio(tc.get("intermediate_size", 2048), width),
+        "act": _act(tc.get("hidden_act", "quick_gelu"), "text"),
+        "norm_eps": tc.get("layer_norm_eps", 1e-5),
+        "pool": "argmax" if eos == LEGACY_ARGMAX_EOS else "eos",
+        "eos_token_id": TextConfig.eos_token_id if eos == LEGACY_ARGMAX_EOS else eos,
+    }
+
+
+def hf_text_config(t: TextConfig, projection_dim: int) -> dict[str, Any]:
+    """A transformers CLIPTextConfig dict of a duomo text tower."""
+    if t.kind != "transformer" or t.pool not in ("argmax", "eos"):
+        raise CheckpointError(
+            f"text tower {t.kind!r} with pooling {t.pool!r} has no transformers CLIP equivalent"
+        )
+    if t.act not in ACTS_TO_HF:
+        raise CheckpointError(f"activation {t.act!r} has no transformers equivalent")
+    text = {
+        "model_type": "clip_text_model",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.width,
+        "intermediate_size": int(t.width * t.mlp_ratio),
+        "projection_dim": projection_dim,
+        "num_hidden_layers": t.layers,
+        "num_attention_heads": t.heads,
+        "max_position_embeddings": t.context_length,
+        "hidden_act": ACTS_TO_HF[t.act],
+        "layer_norm_eps": t.norm_eps,
+        "eos_token_id": LEGACY_ARGMAX_EOS if t.pool == "argmax" else t.eos_token_id,
+    }
+    if t.pool == "argmax":
+        text.update(bos_token_id=0, pad_token_id=1)  # as in OpenAI's original HF configs
+    return text
+
+
 def hf_config_to_duomo(
     config: Mapping[str, Any], preprocessor: Mapping[str, Any] | None = None
 ) -> CLIPConfig:
@@ -177,21 +222,8 @@ def hf_config_to_duomo(
     vc = {**(config.get("vision_config") or {}), **(config.get("vision_config_dict") or {})}
     tc = {**(config.get("text_config") or {}), **(config.get("text_config_dict") or {})}
     try:
-        t_width = tc.get("hidden_size", 512)
         vision = hf_vision_fields(vc, preprocessor)
-        eos = tc.get("eos_token_id", 49407)
-        text = {
-            "vocab_size": tc.get("vocab_size", 49408),
-            "context_length": tc.get("max_position_embeddings", 77),
-            "width": t_width,
-            "layers": tc.get("num_hidden_layers", 12),
-            "heads": tc.get("num_attention_heads", 8),
-            "mlp_ratio": mlp_ratio(tc.get("intermediate_size", 2048), t_width),
-            "act": _act(tc.get("hidden_act", "quick_gelu"), "text"),
-            "norm_eps": tc.get("layer_norm_eps", 1e-5),
-            "pool": "argmax" if eos == LEGACY_ARGMAX_EOS else "eos",
-            "eos_token_id": TextConfig.eos_token_id if eos == LEGACY_ARGMAX_EOS else eos,
-        }
+        text = hf_text_fields(tc)
         return CLIPConfig.from_dict(
             {
                 "embed_dim": config.get("projection_dim", 512),
@@ -213,28 +245,9 @@ def duomo_config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
         )
     if v.stem != "patch":
         raise CheckpointError(f"vision stem {v.stem!r} has no transformers CLIP equivalent")
-    if t.kind != "transformer" or t.pool not in ("argmax", "eos"):
-        raise CheckpointError(
-            f"text tower {t.kind!r} with pooling {t.pool!r} has no transformers CLIP equivalent"
-        )
-    for tower in (v, t):
-        if tower.act not in ACTS_TO_HF:
-            raise CheckpointError(f"activation {tower.act!r} has no transformers equivalent")
-    text = {
-        "model_type": "clip_text_model",
-        "vocab_size": t.vocab_size,
-        "hidden_size": t.width,
-        "intermediate_size": int(t.width * t.mlp_ratio),
-        "projection_dim": cfg.embed_dim,
-        "num_hidden_layers": t.layers,
-        "num_attention_heads": t.heads,
-        "max_position_embeddings": t.context_length,
-        "hidden_act": ACTS_TO_HF[t.act],
-        "layer_norm_eps": t.norm_eps,
-        "eos_token_id": LEGACY_ARGMAX_EOS if t.pool == "argmax" else t.eos_token_id,
-    }
-    if t.pool == "argmax":
-        text.update(bos_token_id=0, pad_token_id=1)  # as in OpenAI's original HF configs
+    if v.act not in ACTS_TO_HF:
+        raise CheckpointError(f"activation {v.act!r} has no transformers equivalent")
+    text = hf_text_config(t, cfg.embed_dim)
     vision = {
         "model_type": "clip_vision_model",
         "hidden_size": v.width,
