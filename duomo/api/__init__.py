@@ -185,7 +185,8 @@ def load(
 
     `weights` loads a checkpoint into a named config; without weights a config name gives random weights.
     A folder written by `duomo beit3-train` gives that task's pipeline (`duomo.api.beit3`); a generator
-    (`shapes-gen`, a folder from `duomo train --task text-to-image`) a `GeneratorPipeline` with `.generate`.
+    (`shapes-gen`, a folder from `duomo train --task text-to-image`), a diffusers Stable Diffusion folder or a
+    single-file SD 1.x/2.x checkpoint a `GeneratorPipeline` with `.generate`.
     `backend`: "torch", or "onnxruntime" / "onnxruntime-int8": the model's towers exported once to an ONNX
     folder in duomo's cache (`duomo.io.onnx.onnx_cache`) and run on ONNX Runtime, behind the same Pipeline.
     """
@@ -217,6 +218,20 @@ def load(
         from duomo.api.beit3 import load_task_pipeline
 
         return load_task_pipeline(name, dev)
+    if (Path(name) / "model_index.json").is_file():  # a diffusers (Stable Diffusion) pipeline folder
+        from duomo.api.generate import GeneratorPipeline
+        from duomo.io.diffusers import read_diffusers
+
+        model, meta = read_diffusers(name)
+        return GeneratorPipeline(model.to(dev, dtype), dev, name=name, meta=meta)
+    if name.endswith((".safetensors", ".ckpt")):
+        from duomo.io.ldm import is_ldm_file, read_ldm
+
+        if is_ldm_file(name):  # a single-file Stable Diffusion checkpoint
+            from duomo.api.generate import GeneratorPipeline
+
+            model, meta = read_ldm(name)
+            return GeneratorPipeline(model.to(dev, dtype), dev, name=Path(name).stem, meta=meta)
     generator = generator_path(name)
     if generator is not None:
         from duomo.api.generate import load_generator_pipeline
