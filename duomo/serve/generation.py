@@ -80,6 +80,7 @@ class GenerationService:
         self.waiting: list[GenerationJob] = []
         self.active: list[GenerationJob] = []
         self.denoiser_calls = 0
+        self.abandoned = 0  # jobs dropped mid-way because their request was cancelled (timeout, disconnect)
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -142,6 +143,7 @@ class GenerationService:
         self.waiting.append(job)
         assert self._wakeup is not None
         self._wakeup.set()
+        # cancelling this coroutine (time limit, client gone) cancels the future: the loop drops the job
         images: torch.Tensor = await job.future
         return await loop.run_in_executor(None, _pngs, images, factor)
 
@@ -212,6 +214,7 @@ class GenerationService:
                 if not job.future.done():
                     job.future.set_result(images)
             done = {id(job) for job, _ in finished}
+            self.abandoned += sum(1 for j in self.active if id(j) not in done and j.future.cancelled())
             self.active = [j for j in self.active if id(j) not in done and not j.future.cancelled()]
 
     def _take_waiting(self) -> None:
@@ -220,6 +223,7 @@ class GenerationService:
         while self.waiting and (not self.active or rows + self.waiting[0].rows <= self.max_batch):
             job = self.waiting.pop(0)
             if job.future.cancelled():
+                self.abandoned += 1
                 continue
             self.active.append(job)
             rows += job.rows

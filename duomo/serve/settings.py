@@ -52,6 +52,9 @@ class ServeSettings(BaseModel):
     max_generate_steps: int = Field(100, ge=1, le=1000, description="most sampler steps per generation")
     max_generate_side: int = Field(1024, ge=8, description="largest image side (upscaled), pixels")
     generate_batch: int = Field(16, ge=1, description="most images in one denoiser call across requests")
+    generate_timeout_s: float = Field(
+        300.0, gt=0, description="longest a /v1/images/generations request may wait and run; beyond it 504"
+    )
     task_timeout_s: float = Field(
         60.0, gt=0, description="longest a /vqa or /caption request may wait and run; beyond it 504"
     )

@@ -134,3 +134,59 @@ def test_service_matches_library_at_any_mix_of_requests(generator_dir: Path) -> 
         ref = (want.permute(0, 2, 3, 1).numpy() * 255).round().astype(int)
         assert np.abs(got - ref).max() <= 1
     assert service.denoiser_calls == 4  # the longest request's steps: the others rode along
+
+
+def _slowed(service, seconds: float) -> None:
+    """Make every shared denoiser step take at least `seconds` (so a request is reliably mid-way)."""
+    import time
+
+    step = service._step
+
+    def slow_step(jobs):
+        time.sleep(seconds)
+        return step(jobs)
+
+    service._step = slow_step
+
+
+def _settles(service, wait: float = 5.0) -> int:
+    """Denoiser calls once the loop has gone idle (fails if it keeps stepping for `wait` s)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not service.active and not service.waiting:
+            calls = service.denoiser_calls
+            time.sleep(0.3)
+            if service.denoiser_calls == calls:
+                return calls
+        time.sleep(0.05)
+    raise AssertionError("the generation loop kept stepping after its request was abandoned")
+
+
+def test_time_limit_is_a_504_and_stops_the_work(pipeline: duomo.Pipeline, generator_dir: Path) -> None:
+    import httpx
+
+    settings = ServeSettings(use_index=False, generator=str(generator_dir), generate_timeout_s=0.5)
+    app = create_app(settings, pipeline=pipeline)
+    with live_server(app) as url:
+        service = app.state.duomo.generation
+        _slowed(service, 0.05)
+        r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 100}, timeout=30)
+        assert r.status_code == 504 and "longer than 0.5 s" in r.json()["error"]["message"]
+        assert _settles(service) < 60 and service.abandoned == 1  # 100 steps x 50 ms were not all run
+        ok = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 2}, timeout=30)
+        assert ok.status_code == 200  # the server goes on
+
+
+def test_a_client_that_disconnects_stops_its_work(pipeline: duomo.Pipeline, generator_dir: Path) -> None:
+    import httpx
+
+    settings = ServeSettings(use_index=False, generator=str(generator_dir), generate_timeout_s=60)
+    app = create_app(settings, pipeline=pipeline)
+    with live_server(app) as url:
+        service = app.state.duomo.generation
+        _slowed(service, 0.05)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 100}, timeout=0.5)
+        assert _settles(service) < 60 and service.abandoned == 1

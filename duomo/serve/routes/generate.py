@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
-from typing import Annotated
+from collections.abc import Awaitable
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
 
 from duomo.errors import InputError
 from duomo.serve.deps import BodyParser, State
@@ -20,8 +22,8 @@ generation_body = BodyParser(ImageGenerationRequest)
 
 @router.post("/v1/images/generations", openapi_extra=generation_body.openapi)
 async def images_generations(
-    state: State, body: Annotated[ImageGenerationRequest, Depends(generation_body)]
-) -> JSONResponse:
+    request: Request, state: State, body: Annotated[ImageGenerationRequest, Depends(generation_body)]
+) -> Response:
     """Images from a prompt, as base64 PNGs (or data: URLs), compatible with `client.images.generate`."""
     service = state.generation
     if service is None:
@@ -39,8 +41,8 @@ async def images_generations(
             code="model_not_found",
             param="model",
         )
-    try:
-        pngs = await service.generate(
+    work = asyncio.ensure_future(
+        service.generate(
             body.prompt,
             n=body.n,
             negative=body.negative_prompt,
@@ -50,11 +52,43 @@ async def images_generations(
             seed=body.seed,
             size=body.size,
         )
+    )
+    try:
+        pngs = await _while_wanted(request, work, state.settings.generate_timeout_s)
     except InputError as exc:
         raise ApiError(400, str(exc)) from exc
+    if pngs is None:  # the client hung up: its images were abandoned; nobody reads this
+        return Response(status_code=499)
     encoded = [base64.b64encode(png).decode("ascii") for png in pngs]
     if body.response_format == "url":
         data = [{"url": f"data:image/png;base64,{b64}", "revised_prompt": body.prompt} for b64 in encoded]
     else:
         data = [{"b64_json": b64, "revised_prompt": body.prompt} for b64 in encoded]
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png"})
+
+
+async def _while_wanted(request: Request, work: Awaitable[Any], limit: float, poll: float = 0.2) -> Any:
+    """`work`'s result, unless the client disconnects first (cancel it, return None) or `limit` seconds pass
+    (cancel it, 504). Cancelling drops the request's images from the shared denoiser batch at its next
+    step."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    try:
+        while True:
+            remaining = deadline - loop.time()
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, min(poll, remaining)))
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+            if loop.time() >= deadline:
+                raise ApiError(
+                    504,
+                    f"the generation took longer than {limit:g} s (queue plus sampling); "
+                    "ask for fewer steps or images",
+                    code="timeout",
+                )
+    finally:
+        if not task.done():
+            task.cancel()
