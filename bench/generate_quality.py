@@ -6,7 +6,7 @@ are split into those seen in the generator's training captions and the held-out 
 judge's own accuracy on real rendered images of the same pairs is printed beside it: the ceiling.
 Then CLIP score (torchmetrics' definition) and the Fréchet distance between generated and real images in the
 judge's image-feature space, across guidance scales, samplers and step counts; and CLIP guidance vs plain
-classifier-free guidance on the held-out pairs (guided by another CLIP, shapes-minilm, than the judge).
+classifier-free guidance on the held-out pairs (guided by another CLIP, shapes-minilm-xl, than the judge).
 
     python bench/generate_quality.py --model shapes-gen --n 8 --out bench/results/generate_quality.json
 """
@@ -92,8 +92,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="shapes-gen")
-    parser.add_argument("--judge", default="shapes-tiny")
-    parser.add_argument("--guide", default="shapes-minilm", help="the CLIP that CLIP guidance follows")
+    parser.add_argument("--judge", default="shapes-minilm")
+    parser.add_argument("--guide", default="shapes-minilm-xl", help="the CLIP that CLIP guidance follows")
     parser.add_argument("--n", type=int, default=8, help="images per pair")
     parser.add_argument("--sweep-n", type=int, default=4, help="images per pair in the sweeps")
     parser.add_argument("--out", default="bench/results/generate_quality.json")

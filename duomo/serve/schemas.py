@@ -195,6 +195,7 @@ class HealthResponse(BaseModel):
     tasks: dict[str, str | None] = Field(
         default_factory=dict, description="the model behind /vqa and /caption, null where none is configured"
     )
+    generator: str | None = Field(None, description="the text-to-image generator served, if any")
     queues: dict[str, QueueHealth]
     limits: dict[str, int]
 

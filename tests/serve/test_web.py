@@ -251,3 +251,48 @@ def test_the_page_in_chinese(
         save_artifact(page, tmp_path, "serve-chinese.png")
         context.close()
         assert not problems, problems
+
+
+def test_create_panel_makes_images_and_searches_with_one(
+    browser,  # noqa: ANN001
+    pipeline: duomo.Pipeline,
+    image_index: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    """The shipped generator behind the page's create panel (CSP enforced): four images appear, and clicking
+    one searches the index with it."""
+    from playwright.sync_api import expect
+
+    index_dir, _ = image_index
+    settings = ServeSettings(index_dir=index_dir, generator="shapes-gen")
+    with live_server(create_app(settings, pipeline=pipeline)) as url:
+        context = browser.new_context(viewport={"width": 1100, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        problems: list[str] = []
+        page.on("pageerror", lambda err: problems.append(str(err)))
+        page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
+        page.goto(url + "/")
+        page.wait_for_selector("[data-testid=create]:not([hidden])")
+        status = page.locator("[data-testid=create-status]")
+        page.click("[data-testid=create-button]")
+        expect(status).to_have_text("Type what to create.")
+        page.fill("[data-testid=create-prompt]", "a purple star")
+        page.click("[data-testid=create-button]")
+        expect(status).to_have_text("4 created; click one to search with it")
+        images = page.locator("[data-testid=created-image] img")
+        expect(images).to_have_count(4)
+        for i in range(4):  # decoded PNGs at the generator's size
+            assert images.nth(i).evaluate("i => i.complete && i.naturalWidth") == 32
+        images.first.click()
+        expect(page.locator("[data-testid=status]")).to_contain_text("image created-1.png")
+        assert page.locator("[data-testid=result]").count() > 0
+        save_artifact(page, tmp_path, "serve-create.png")
+        context.close()
+        assert not problems, problems
+
+
+def test_create_panel_is_hidden_without_a_generator(page_at: tuple) -> None:
+    page, _ = page_at
+    page.wait_for_function("!document.getElementById('server-info').textContent.includes('connecting')")
+    assert not page.locator("[data-testid=create]").is_visible()

@@ -51,6 +51,7 @@ async def healthz(request: Request, state: State) -> JSONResponse:
             "auth_required": bool(state.settings.api_keys),
             "index": _index_view(await run_in_threadpool(state.index.describe), is_authorized(request)),
             "tasks": state.tasks.describe(),
+            "generator": None if state.generation is None else state.generation.name,
             "queues": queues,
             "limits": limits(state.settings),
         }

@@ -1,5 +1,6 @@
 // duomo web page: text or example-image search over the server's index, and (when the server has BEiT-3 task
-// models) questions and captions about an image. No build step, no dependencies.
+// models) questions and captions about an image, and (with a generator) images created from a prompt.
+// No build step, no dependencies.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -192,6 +193,68 @@ async function runTask(kind) {
   }
 }
 
+// --- create: images from a prompt (POST /v1/images/generations), one request per image so each appears as
+// soon as it is done; the server steps them together. Clicking one searches the index with it.
+function pngBlob(b64) {
+  const bytes = atob(b64);
+  const buffer = new Uint8Array(bytes.length);
+  for (let i = 0; i < bytes.length; i++) buffer[i] = bytes.charCodeAt(i);
+  return new Blob([buffer], { type: "image/png" });
+}
+
+function showCreateStatus(text, kind) {
+  const el = $("create-status");
+  el.textContent = text;
+  el.className = "task-result" + (kind ? " " + kind : "");
+  el.setAttribute("role", kind === "error" ? "alert" : "status");
+}
+
+function addCreated(blob, prompt, index) {
+  const url = URL.createObjectURL(blob);
+  state.objectUrls.push(url);
+  const card = document.createElement("figure");
+  card.className = "card";
+  card.dataset.testid = "created-image";
+  const img = document.createElement("img");
+  img.src = url;
+  img.alt = prompt + " #" + (index + 1);
+  img.title = "search the index with this image";
+  img.tabIndex = 0;
+  const file = new File([blob], "created-" + (index + 1) + ".png", { type: "image/png" });
+  img.addEventListener("click", () => searchImage(file));
+  img.addEventListener("keydown", (event) => { if (event.key === "Enter") searchImage(file); });
+  card.append(img);
+  $("created").append(card);
+}
+
+async function create(prompt) {
+  if (!prompt.trim()) { showCreateStatus("Type what to create.", "error"); return; }
+  const n = Number($("create-n").value);
+  const seed = Math.floor(Math.random() * 1e9);
+  $("created").replaceChildren();
+  $("create-button").disabled = true;
+  showCreateStatus("creating " + n + "…", "");
+  let done = 0;
+  let failure = null;
+  const one = async (i) => {
+    try {
+      const body = JSON.stringify({ prompt, n: 1, seed: seed + i, response_format: "b64_json" });
+      const data = await call("/v1/images/generations", {
+        method: "POST", body, headers: Object.assign({ "Content-Type": "application/json" }, headers()),
+      });
+      addCreated(pngBlob(data.data[0].b64_json), prompt, i);
+      done += 1;
+      if (!failure) showCreateStatus(done + " of " + n + " created", done === n ? "done" : "");
+    } catch (err) {
+      failure = err;
+      showCreateStatus(err.message, "error");
+    }
+  };
+  await Promise.all(Array.from({ length: n }, (_, i) => one(i)));
+  $("create-button").disabled = false;
+  if (!failure) showCreateStatus(n + " created; click one to search with it", "done");
+}
+
 async function loadInfo() {
   try {
     const info = await call("/healthz");
@@ -206,6 +269,7 @@ async function loadInfo() {
     $("tasks").hidden = !(tasks.vqa || tasks.caption);
     $("question").hidden = $("ask-button").hidden = !tasks.vqa;
     $("caption-button").hidden = !tasks.caption;
+    $("create").hidden = !info.generator;
     if (!index.ready) setStatus("Search is unavailable: " + (index.error || "no index"), "error");
     else if (index.size === 0) setStatus("The index is empty: add images with `duomo index DIR`.", "empty");
   } catch (err) {
@@ -228,6 +292,10 @@ function setup() {
     runTask("vqa");
   });
   $("caption-button").addEventListener("click", () => runTask("caption"));
+  $("create-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    create($("create-prompt").value);
+  });
   $("file").addEventListener("change", () => {
     searchImage($("file").files[0]);
     $("file").value = "";

@@ -6,7 +6,7 @@ const MESSAGES = {
   en: {
     subtitle: "image search", searchLabel: "Search text", placeholder: "Describe what you are looking for, e.g. a red circle",
     search: "Search", byExample: "Search by example image", dropHere: "drop an image here, or", chooseFile: "choose a file",
-    apiKey: "API key", apiKeyPlaceholder: "this server needs an API key", askTitle: "Ask about an image",
+    apiKey: "API key", apiKeyPlaceholder: "this server needs an API key", askTitle: "Ask about an image", createTitle: "Create an image", createPlaceholder: "e.g. a purple star", create: "Create",
     chooseImage: "choose an image", questionPlaceholder: "e.g. what color is the star?", ask: "Ask", caption: "Caption",
     connecting: "connecting…", searching: "searching…",
     results: "{n} results for {what} (of {total} indexed images)", noResults: "No results for {what}.",
@@ -16,7 +16,7 @@ const MESSAGES = {
   zh: {
     subtitle: "图片搜索", searchLabel: "搜索文字", placeholder: "描述你要找的图片，例如：一个红色的圆形",
     search: "搜索", byExample: "以图搜图", dropHere: "把图片拖到这里，或", chooseFile: "选择文件",
-    apiKey: "API 密钥", apiKeyPlaceholder: "这个服务器需要 API 密钥", askTitle: "就图片提问",
+    apiKey: "API 密钥", apiKeyPlaceholder: "这个服务器需要 API 密钥", askTitle: "就图片提问", createTitle: "生成图片", createPlaceholder: "例如：一个紫色的五角星", create: "生成",
     chooseImage: "选择图片", questionPlaceholder: "例如：五角星是什么颜色的？", ask: "提问", caption: "描述图片",
     connecting: "正在连接…", searching: "正在搜索…",
     results: "“{what}”的 {n} 个结果（共 {total} 张已索引图片）", noResults: "没有找到“{what}”。",
