@@ -76,6 +76,8 @@ def score(
             )
     out = {}
     for group, rows in tallies.items():
+        if not rows:  # e.g. CLIP guidance is measured on held-out pairs only
+            continue
         arr = np.array(rows, dtype=float)
         out[group] = {
             "images": len(rows),
@@ -97,7 +99,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="images per pair")
     parser.add_argument("--sweep-n", type=int, default=4, help="images per pair in the sweeps")
     parser.add_argument("--out", default="bench/results/generate_quality.json")
-    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the sweeps and CLIP guidance")
+    parser.add_argument(
+        "--no-settings-sweep", action="store_true", help="skip the guidance/sampler/steps sweep only"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -144,7 +149,7 @@ def main() -> None:
         held_pairs = [p for p in pairs if p in held]
         settings = [{"guidance": g} for g in (1.0, 2.0, 3.0, 5.0, 8.0)]
         settings += [{"sampler": s, "steps": k} for s in ("dpm", "ddim", "euler_a") for k in (10, 25, 50)]
-        for kw in settings:
+        for kw in [] if args.no_settings_sweep else settings:
             images, seconds = generate(pairs, args.sweep_n, **kw)
             row = {**kw, **score(images, clip, classifier, names)}
             row["clip_score"], row["frechet"] = clip_metrics(images)
