@@ -284,8 +284,11 @@ def test_create_panel_makes_images_and_searches_with_one(
         expect(images).to_have_count(4)
         for i in range(4):  # decoded PNGs at the generator's size
             assert images.nth(i).evaluate("i => i.complete && i.naturalWidth") == 32
+        first = images.first.get_attribute("alt")  # images land in the order they finish, not by seed
+        assert first is not None and first.startswith("a purple star #")
         images.first.click()
-        expect(page.locator("[data-testid=status]")).to_contain_text("image created-1.png")
+        number = first.rsplit("#", 1)[1]
+        expect(page.locator("[data-testid=status]")).to_contain_text(f"image created-{number}.png")
         assert page.locator("[data-testid=result]").count() > 0
         save_artifact(page, tmp_path, "serve-create.png")
         context.close()
