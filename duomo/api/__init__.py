@@ -225,12 +225,13 @@ def load(
         model, meta = read_diffusers(name)
         return GeneratorPipeline(model.to(dev, dtype), dev, name=name, meta=meta)
     if name.endswith((".safetensors", ".ckpt")):
-        from duomo.io.ldm import is_ldm_file, read_ldm
+        from duomo.io.ldm import ldm_state, read_ldm
 
-        if is_ldm_file(name):  # a single-file Stable Diffusion checkpoint
+        state = ldm_state(name)
+        if state is not None:  # a single-file Stable Diffusion checkpoint
             from duomo.api.generate import GeneratorPipeline
 
-            model, meta = read_ldm(name)
+            model, meta = read_ldm(name, state=state)
             return GeneratorPipeline(model.to(dev, dtype), dev, name=Path(name).stem, meta=meta)
     generator = generator_path(name)
     if generator is not None:

@@ -115,6 +115,16 @@ def text_tower_state(state: dict[str, torch.Tensor], width: int) -> dict[str, to
     return tower
 
 
+def load_parts(model: TextToImage, parts: dict[str, dict[str, torch.Tensor]], source: str) -> None:
+    """Load each part's weights (denoiser, autoencoder, text) strictly; a misfit is one CheckpointError."""
+    for name, state in parts.items():
+        try:
+            getattr(model, name).load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).splitlines()[:2])[:300]
+            raise CheckpointError(f"{source}: the {name} weights do not fit its config ({detail})") from exc
+
+
 def read_diffusers(
     directory: str | os.PathLike, clip_skip: int | None = None
 ) -> tuple[TextToImage, dict[str, Any]]:
@@ -165,12 +175,7 @@ def read_diffusers(
         "autoencoder": load_weights(files[1]),
         "text": text_tower_state(load_weights(files[2]), text_fields["width"]),
     }
-    for name, state in parts.items():
-        try:
-            getattr(model, name).load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            detail = " ".join(str(exc).splitlines()[:2])[:300]
-            raise CheckpointError(f"{root}: the {name} weights do not fit its config ({detail})") from exc
+    load_parts(model, parts, str(root))
     meta = {"source": "diffusers", "pipeline": index.get("_class_name"), "path": str(root)}
     return model.eval(), meta
 

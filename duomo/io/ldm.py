@@ -15,7 +15,7 @@ values unless overridden.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 
 from duomo.errors import CheckpointError, ConfigError
 from duomo.io.bounds import check_model_fits
-from duomo.io.diffusers import text_tower_state
+from duomo.io.diffusers import load_parts, text_tower_state
 from duomo.io.files import load_weights, save_safetensors
 from duomo.io.hf import duomo_to_hf, hf_text_fields
 from duomo.io.openclip import duomo_to_openclip, openclip_to_duomo
@@ -144,8 +144,9 @@ def vae_prefixes(cfg: AutoencoderConfig) -> Prefixes:
     return out
 
 
-def _rename(key: str, prefixes: Prefixes, to_ldm: bool) -> str | None:
-    """One key renamed by the longest matching prefix and its kind's sub-renames (None: no prefix matches)."""
+def _rename(key: str, prefixes: Prefixes, to_ldm: bool) -> tuple[str, str] | None:
+    """(new name, module kind) of one key, by the longest matching prefix and its kind's sub-renames
+    (None: no prefix matches)."""
     best = None
     for ldm, diff, kind in prefixes:
         src = diff if to_ldm else ldm
@@ -160,7 +161,7 @@ def _rename(key: str, prefixes: Prefixes, to_ldm: bool) -> str | None:
         if rest.startswith(sub_src):
             rest = sub_dst + rest[len(sub_src) :]
             break
-    return dst + rest
+    return dst + rest, kind
 
 
 def rename_state(
@@ -169,23 +170,16 @@ def rename_state(
     """A whole module's state dict renamed; keys no prefix covers are named in the error."""
     out, unknown = {}, []
     for key, value in state.items():
-        name = _rename(key, prefixes, to_ldm)
-        if name is None:
+        renamed = _rename(key, prefixes, to_ldm)
+        if renamed is None:
             unknown.append(key)
             continue
-        if any(name.startswith(p) or key.startswith(p) for p in _attention_prefixes(prefixes, to_ldm)):
-            value = _attention_weight(value, to_ldm)
-        out[name] = value
+        name, kind = renamed
+        out[name] = _attention_weight(value, to_ldm) if kind == "vae_attention" else value
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise CheckpointError(f"{source}: {len(unknown)} unexpected keys for this layout ({shown})")
     return out
-
-
-def _attention_prefixes(prefixes: Prefixes, to_ldm: bool) -> Iterator[str]:
-    for ldm, diff, kind in prefixes:
-        if kind == "vae_attention":
-            yield diff if to_ldm else ldm
 
 
 def _attention_weight(value: torch.Tensor, to_ldm: bool) -> torch.Tensor:
@@ -321,15 +315,17 @@ def read_ldm(
     image_size: int | None = None,
     clip_skip: int = 0,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[TextToImage, dict[str, Any]]:
     """(generator in eval mode, meta) from a single-file SD 1.x / 2.x checkpoint (.safetensors or .ckpt).
 
     `prediction_type`: "epsilon" or "v_prediction" (default: epsilon for SD 1.x, v for SD 2.x, as the
     768 px 2.x releases); `image_size`: 512 (SD 1.x) / 768 (SD 2.x) by default; `overrides`: config fields
     the weights cannot tell, by part ("unet", "autoencoder", "text", "schedule"), e.g.
-    {"unet": {"attention_head_dim": 4}}. The schedule is SD's (scaled linear 0.00085-0.012, leading)."""
+    {"unet": {"attention_head_dim": 4}}. The schedule is SD's (scaled linear 0.00085-0.012, leading).
+    `state`: the file's weights when already read (`ldm_state`), so they are not read twice."""
     path = Path(path)
-    state = load_weights(path)
+    state = load_weights(path) if state is None else state
     if not is_ldm_checkpoint(state):
         raise CheckpointError(
             f"{path} is not a single-file Stable Diffusion checkpoint (no model.diffusion_model.* and "
@@ -383,19 +379,14 @@ def read_ldm(
         "autoencoder": rename_state(vae_state, vae_prefixes(vae_cfg), False, f"{path} (autoencoder)"),
         "text": text_state,
     }
-    for name, weights in parts.items():
-        try:
-            getattr(model, name).load_state_dict(weights, strict=True)
-        except RuntimeError as exc:
-            detail = " ".join(str(exc).splitlines()[:2])[:300]
-            raise CheckpointError(f"{path}: the {name} weights do not fit ({detail})") from exc
+    load_parts(model, parts, str(path))
     meta = {
         "source": "ldm",
         "version": version,
         "path": str(path),
         "prediction_type": gen_cfg.schedule.prediction_type,
     }
-    return model.float().eval(), meta
+    return model.eval(), meta
 
 
 # --- writing ------------------------------------------------------------------------------------------------
@@ -454,18 +445,20 @@ def export_ldm(model: TextToImage, path: str | os.PathLike) -> Path:
     return path
 
 
-def is_ldm_file(path: str | os.PathLike) -> bool:
-    """Whether a file is a single-file SD checkpoint (.safetensors: by its key names, without reading
-    tensors; .ckpt: SD's pickle convention, read safely)."""
+def ldm_state(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The weights of a single-file SD checkpoint, or None when the file is not one (.safetensors: told by
+    the key names without reading tensors; .ckpt, SD's pickle convention: read once, safely)."""
     path = Path(path)
-    if not path.is_file():
-        return False
+    if not path.is_file() or path.suffix not in (".safetensors", ".ckpt"):
+        return None
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return is_ldm_checkpoint(dict.fromkeys(f.keys()))
+                if not is_ldm_checkpoint(dict.fromkeys(f.keys())):
+                    return None
         except (SafetensorError, OSError, ValueError):
-            return False
-    return path.suffix == ".ckpt" and is_ldm_checkpoint(load_weights(path))
+            return None
+    state = load_weights(path)
+    return state if is_ldm_checkpoint(state) else None

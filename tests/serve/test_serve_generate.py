@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import io
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,23 +138,26 @@ def test_service_matches_library_at_any_mix_of_requests(generator_dir: Path) -> 
     assert service.denoiser_calls == 4  # the longest request's steps: the others rode along
 
 
-def _slowed(service, seconds: float) -> None:
-    """Make every shared denoiser step take at least `seconds` (so a request is reliably mid-way)."""
-    import time
+@contextlib.contextmanager
+def slow_generation_server(pipeline: duomo.Pipeline, generator_dir: Path, timeout_s: float):
+    """(url, generation service) of a live server whose every shared denoiser step takes at least 50 ms, so
+    a 100-step request is reliably mid-way when its time limit passes or its client leaves."""
+    settings = ServeSettings(use_index=False, generator=str(generator_dir), generate_timeout_s=timeout_s)
+    app = create_app(settings, pipeline=pipeline)
+    with live_server(app) as url:
+        service = app.state.duomo.generation
+        step = service._step
 
-    step = service._step
+        def slow_step(jobs):
+            time.sleep(0.05)
+            return step(jobs)
 
-    def slow_step(jobs):
-        time.sleep(seconds)
-        return step(jobs)
-
-    service._step = slow_step
+        service._step = slow_step
+        yield url, service
 
 
 def _settles(service, wait: float = 5.0) -> int:
     """Denoiser calls once the loop has gone idle (fails if it keeps stepping for `wait` s)."""
-    import time
-
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if not service.active and not service.waiting:
@@ -167,11 +172,7 @@ def _settles(service, wait: float = 5.0) -> int:
 def test_time_limit_is_a_504_and_stops_the_work(pipeline: duomo.Pipeline, generator_dir: Path) -> None:
     import httpx
 
-    settings = ServeSettings(use_index=False, generator=str(generator_dir), generate_timeout_s=0.5)
-    app = create_app(settings, pipeline=pipeline)
-    with live_server(app) as url:
-        service = app.state.duomo.generation
-        _slowed(service, 0.05)
+    with slow_generation_server(pipeline, generator_dir, 0.5) as (url, service):
         r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 100}, timeout=30)
         assert r.status_code == 504 and "longer than 0.5 s" in r.json()["error"]["message"]
         assert _settles(service) < 60 and service.abandoned == 1  # 100 steps x 50 ms were not all run
@@ -182,11 +183,7 @@ def test_time_limit_is_a_504_and_stops_the_work(pipeline: duomo.Pipeline, genera
 def test_a_client_that_disconnects_stops_its_work(pipeline: duomo.Pipeline, generator_dir: Path) -> None:
     import httpx
 
-    settings = ServeSettings(use_index=False, generator=str(generator_dir), generate_timeout_s=60)
-    app = create_app(settings, pipeline=pipeline)
-    with live_server(app) as url:
-        service = app.state.duomo.generation
-        _slowed(service, 0.05)
+    with slow_generation_server(pipeline, generator_dir, 60) as (url, service):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 100}, timeout=0.5)
         assert _settles(service) < 60 and service.abandoned == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -64,6 +65,24 @@ def page_at(browser, image_index: tuple[Path, Path], pipeline: duomo.Pipeline) -
         yield page, url
         context.close()
         assert not problems, problems
+
+
+@contextlib.contextmanager
+def csp_page(browser, url: str, timeout_ms: int = 20_000, **context_args: object) -> Iterator[object]:  # noqa: ANN001
+    """A page at `url` with the page's CSP enforced (so only selectors and attribute reads in the test); page
+    errors and CSP violations reported in the console fail the test."""
+    context = browser.new_context(**context_args)
+    page = context.new_page()
+    page.set_default_timeout(timeout_ms)
+    problems: list[str] = []
+    page.on("pageerror", lambda err: problems.append(str(err)))
+    page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
+    try:
+        page.goto(url + "/")
+        yield page
+    finally:
+        context.close()
+    assert not problems, problems
 
 
 ALL_IMAGES_LOADED = (
@@ -194,14 +213,7 @@ def test_ask_and_caption_an_image_under_the_csp(
     vqa_dir, caption_dir = task_models
     image = image_index[1] / "red_circle.png"
     settings = ServeSettings(use_index=False, vqa_model=vqa_dir, caption_model=caption_dir)
-    with live_server(create_app(settings, pipeline=pipeline)) as url:
-        context = browser.new_context()  # CSP enforced: only selectors and attribute reads below
-        page = context.new_page()
-        page.set_default_timeout(20_000)
-        problems: list[str] = []
-        page.on("pageerror", lambda err: problems.append(str(err)))
-        page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
-        page.goto(url + "/")
+    with live_server(create_app(settings, pipeline=pipeline)) as url, csp_page(browser, url) as page:
         page.wait_for_selector("[data-testid=tasks]:not([hidden])")
         result = page.locator("[data-testid=task-result]")
         page.click("[data-testid=ask-button]")
@@ -215,8 +227,6 @@ def test_ask_and_caption_an_image_under_the_csp(
         page.click("[data-testid=caption-button]")
         expect(result).to_have_text(caption_image(load_task(caption_dir, "caption")[0], image))
         save_artifact(page, tmp_path, "serve-ask-caption.png")
-        context.close()
-        assert not problems, problems
 
 
 def test_task_panel_is_hidden_without_task_models(page_at: tuple) -> None:
@@ -265,14 +275,11 @@ def test_create_panel_makes_images_and_searches_with_one(
 
     index_dir, _ = image_index
     settings = ServeSettings(index_dir=index_dir, generator="shapes-gen")
-    with live_server(create_app(settings, pipeline=pipeline)) as url:
-        context = browser.new_context(viewport={"width": 1100, "height": 900})
-        page = context.new_page()
-        page.set_default_timeout(30_000)
-        problems: list[str] = []
-        page.on("pageerror", lambda err: problems.append(str(err)))
-        page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
-        page.goto(url + "/")
+    viewport = {"width": 1100, "height": 900}
+    with (
+        live_server(create_app(settings, pipeline=pipeline)) as url,
+        csp_page(browser, url, 30_000, viewport=viewport) as page,
+    ):
         page.wait_for_selector("[data-testid=create]:not([hidden])")
         status = page.locator("[data-testid=create-status]")
         page.click("[data-testid=create-button]")
@@ -291,8 +298,6 @@ def test_create_panel_makes_images_and_searches_with_one(
         expect(page.locator("[data-testid=status]")).to_contain_text(f"image created-{number}.png")
         assert page.locator("[data-testid=result]").count() > 0
         save_artifact(page, tmp_path, "serve-create.png")
-        context.close()
-        assert not problems, problems
 
 
 def test_create_panel_is_hidden_without_a_generator(page_at: tuple) -> None:

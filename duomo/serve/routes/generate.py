@@ -41,17 +41,15 @@ async def images_generations(
             code="model_not_found",
             param="model",
         )
-    work = asyncio.ensure_future(
-        service.generate(
-            body.prompt,
-            n=body.n,
-            negative=body.negative_prompt,
-            steps=body.steps,
-            guidance=body.guidance,
-            sampler=body.sampler,
-            seed=body.seed,
-            size=body.size,
-        )
+    work = service.generate(
+        body.prompt,
+        n=body.n,
+        negative=body.negative_prompt,
+        steps=body.steps,
+        guidance=body.guidance,
+        sampler=body.sampler,
+        seed=body.seed,
+        size=body.size,
     )
     try:
         pngs = await _while_wanted(request, work, state.settings.generate_timeout_s)
