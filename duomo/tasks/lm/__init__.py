@@ -1,0 +1,1 @@
+"""The causal-LM family's tasks: decoding (greedy, sampling, streaming), chat, multimodal conversations."""
