@@ -8,6 +8,7 @@ from torch import nn
 
 from duomo.models.clip.config import VisionConfig
 from duomo.nn import Transformer
+from duomo.nn.transformer import run_blocks
 
 
 def interpolate_positions(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -83,6 +84,23 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
         x = self.transformer(self.norm_pre(x))
         return self.norm(x)
+
+    def layer_states(self, images: torch.Tensor, layer: int) -> torch.Tensor:
+        """Token states [B, 1 + patches, width] after `layer` blocks, counted as transformers' `hidden_states`
+        are (0: the embeddings after the pre-norm; -1: the last block's output, before the final norm; -2: the
+        layer LLaVA reads). The blocks after it are not run."""
+        depth = len(self.transformer.blocks)
+        index = layer if layer >= 0 else depth + 1 + layer
+        if not 0 <= index <= depth:
+            raise ValueError(f"vision layer {layer} is outside this tower's {depth} blocks")
+        x = self.patch_embed(images)
+        h = x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)
+        pos = self.pos_embed if h == self.grid else interpolate_positions(self.pos_embed, h)
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = self.norm_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
+        blocks = self.transformer.blocks[:index]
+        return run_blocks(blocks, x, None, checkpointing=self.transformer.grad_checkpointing and self.training)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> embeddings [B, embed_dim]."""
