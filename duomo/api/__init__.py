@@ -214,6 +214,12 @@ def load(
             dev.type,
         )
         dtype = torch.float32
+    from duomo.api.chat import is_chat_model
+
+    if is_chat_model(name):  # a chat folder (shapes-chat), LLaVA, or a language model (smollm2, GGUF)
+        from duomo.api.chat import load_chat_pipeline
+
+        return load_chat_pipeline(name, dev)
     if is_task_folder(name):
         from duomo.api.beit3 import load_task_pipeline
 

@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "duomo.cli.eval",
     "duomo.cli.beit3",
     "duomo.cli.generate",
+    "duomo.cli.chat",
 ]
 for _name in COMMAND_MODULES:
     try:

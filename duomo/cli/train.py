@@ -14,12 +14,21 @@ console = Console()
 def train(
     config: Path = typer.Option(None, "--config", "-c", help="JSON file of training config fields."),
     task: str = typer.Option(
-        None, "--task", help="contrastive (CLIP/SigLIP, the default) or text-to-image (a generator)."
+        None, "--task", help="contrastive (CLIP/SigLIP, the default), text-to-image (a generator) or chat."
     ),
     model: str = typer.Option(None, "--model", "-m", help="Model config name or JSON path (e.g. ViT-tiny)."),
     text_from: str = typer.Option(
         None, "--text-from", help="text-to-image: the CLIP whose frozen text tower conditions the generator."
     ),
+    vision_from: str = typer.Option(
+        None, "--vision-from", help="chat: the duomo CLIP whose image tower sees."
+    ),
+    lm_from: str = typer.Option(
+        None, "--lm-from", help="chat: the language model (smollm2, a .gguf file, a transformers directory)."
+    ),
+    stage: int = typer.Option(None, "--stage", help="chat: 1 aligns the projector, 2 instruction-tunes."),
+    lora_rank: int = typer.Option(None, "--lora-rank", min=0, help="chat: LoRA rank on the LM (0: none)."),
+    train_lm: bool = typer.Option(None, "--train-lm/--no-train-lm", help="chat: stage 2 tunes the whole LM."),
     ema: float = typer.Option(None, "--ema", help="Export an exponential moving average with this decay."),
     caption_dropout: float = typer.Option(
         None, "--caption-dropout", help="text-to-image: share of empty captions (for guidance)."
@@ -64,8 +73,8 @@ def train(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Train into an existing non-empty --out."),
 ) -> None:
-    """Train (or fine-tune) a CLIP/SigLIP model, or a text-to-image generator, on image-text pairs; flags
-    override --config."""
+    """Train (or fine-tune) a CLIP/SigLIP model, a text-to-image generator, or a chat model (images in a
+    language model) on image-text pairs or conversations; flags override --config."""
     flags = {k: v for k, v in locals().items() if k not in ("config", "overwrite")}
     from duomo.cli.paths import check_out_dir
     from duomo.train.config import TrainConfig
@@ -82,6 +91,10 @@ def train(
         from duomo.tasks.diffusion.train import train_generator
 
         result = train_generator(cfg)
+    elif cfg.task == "chat":
+        from duomo.tasks.lm.train import train_chat
+
+        result = train_chat(cfg)
     else:
         result = run_training(cfg)
     if result.get("model") is not None:

@@ -130,3 +130,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
             if isinstance(child, LoRALinear):
                 setattr(module, child_name, child.merged())
     return model
+
+
+def apply_lora_by_name(
+    model: nn.Module, names: Sequence[str], rank: int = 8, alpha: float = 16.0, dropout: float = 0.0
+) -> list[str]:
+    """Wrap every nn.Linear child called one of `names` (e.g. a language model's "q_proj", "v_proj") with
+    LoRA; returns the wrapped layers' names. Nothing is frozen here: the caller decides what trains."""
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in names and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    if not wrapped:
+        raise ValueError(f"{type(model).__name__} has no Linear layers named {list(names)}")
+    return wrapped

@@ -13,7 +13,7 @@ from duomo.errors import ConfigError
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOSS_NAMES = ("clip", "siglip")
 SCHEDULES = ("cosine", "const")
-TASKS = ("contrastive", "text-to-image")
+TASKS = ("contrastive", "text-to-image", "chat")
 
 
 @dataclass
@@ -58,6 +58,13 @@ class TrainConfig:
     text_from: str | None = None  # the CLIP whose (frozen) text tower conditions the generator
     caption_dropout: float = 0.1  # captions replaced by the empty one, for classifier-free guidance
     min_snr_gamma: float = 5.0  # min-SNR loss weighting (0: plain mean squared error)
+    # chat (vision-language) objective
+    vision_from: str | None = None  # the duomo CLIP whose image tower reads the images
+    lm_from: str | None = None  # the language model: "smollm2", a .gguf file or a transformers directory
+    stage: int = 2  # 1: align the projector (descriptions); 2: instruction-tune projector + LoRA (or the LM)
+    lora_rank: int = 8  # LoRA on the LM's attention projections in stage 2 (0: none)
+    train_lm: bool = False  # stage 2 trains the whole language model instead of LoRA adapters
+    max_length: int = 512  # conversations longer than this many tokens are skipped
     # bookkeeping
     out: str = "runs/train"
     resume: str | None = None  # a checkpoint file, a run folder, or "latest" (this run's --out)
@@ -81,6 +88,12 @@ class TrainConfig:
             (self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}"),
             (0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.min_snr_gamma >= 0, f"min_snr_gamma must be >= 0, got {self.min_snr_gamma}"),
+            (
+                self.stage in (1, 2),
+                f"stage must be 1 (align the projector) or 2 (instruction-tune), got {self.stage}",
+            ),
+            (self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}"),
+            (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

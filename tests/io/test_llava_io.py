@@ -29,8 +29,8 @@ def tiny_llava(select: str = "default", layer: int = -2):
         num_key_value_heads=2,
     )  # fmt: skip
     cfg = transformers.LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE, vision_feature_select_strategy=select,
-        vision_feature_layer=layer,
+        vision_config=vision, text_config=text, image_token_index=IMAGE,
+        vision_feature_select_strategy=select, vision_feature_layer=layer,
     )  # fmt: skip
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():

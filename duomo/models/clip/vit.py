@@ -100,7 +100,9 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
         x = self.norm_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
         blocks = self.transformer.blocks[:index]
-        return run_blocks(blocks, x, None, checkpointing=self.transformer.grad_checkpointing and self.training)
+        return run_blocks(
+            blocks, x, None, checkpointing=self.transformer.grad_checkpointing and self.training
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> embeddings [B, embed_dim]."""

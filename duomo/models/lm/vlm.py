@@ -140,7 +140,7 @@ class VisionLanguageModel(nn.Module):
         return self.projector(states)
 
     def embed(self, ids: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
-        """LM input embeddings of ids [B, T] with every placeholder run replaced by the next image's tokens."""
+        """LM input embeddings of ids [B, T], every placeholder run replaced by the next image's tokens."""
         slots = ids == self.config.image_token_id
         embeds = self.lm.embed(ids.masked_fill(slots, 0))
         count = int(slots.sum())
@@ -148,8 +148,8 @@ class VisionLanguageModel(nn.Module):
         n_images = 0 if images is None else images.shape[0]
         if count != n_images * per:
             raise InputError(
-                f"the text has {count // per if per else 0} image placeholder(s) and {n_images} image(s) were "
-                "given; each image needs exactly one placeholder"
+                f"the text has {count // per if per else 0} image placeholder(s) and {n_images} image(s) "
+                "were given; each image needs exactly one placeholder"
             )
         if n_images:
             tokens = self.image_tokens(images).to(embeds.dtype).reshape(-1, embeds.shape[-1])
@@ -162,9 +162,14 @@ class VisionLanguageModel(nn.Module):
         images: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: LMCache | None = None,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] of a batch of (multimodal) sequences."""
-        return self.lm(embeds=self.embed(ids, images), mask=mask, cache=cache)
+        """Logits [B, T, vocab] of a batch of (multimodal) sequences; with `select` [B, T] (bool), only the
+        selected positions' logits [n, vocab] (training scores the labelled positions alone)."""
+        if select is None:
+            return self.lm(embeds=self.embed(ids, images), mask=mask, cache=cache)
+        hidden = self.lm.hidden_states(self.embed(ids, images), mask, cache)
+        return self.lm.lm_head(hidden[select])
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.lm.set_grad_checkpointing(enabled)

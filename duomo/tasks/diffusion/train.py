@@ -50,7 +50,10 @@ def generator_config(name: str, text_from: str) -> tuple[GeneratorConfig, TextTr
             f"(token states); this model's text tower is a {type(text).__name__}"
         )
     denoiser = dict(data.get("denoiser") or {})
-    denoiser["context_dim"] = clip.config.text.width
+    if data.get("denoiser_kind", "dit") == "unet":  # diffusers' name for the width it cross-attends to
+        denoiser["cross_attention_dim"] = clip.config.text.width
+    else:
+        denoiser["context_dim"] = clip.config.text.width
     if data.get("pooled"):
         denoiser["pooled_dim"] = clip.config.embed_dim
     fields = {
