@@ -31,6 +31,14 @@ def serve(
     generator: str = typer.Option(
         None, "--generator", help="Text-to-image generator for /v1/images/generations (e.g. shapes-gen)."
     ),
+    chat: str = typer.Option(
+        None, "--chat", help="Chat model for /v1/chat/completions (e.g. shapes-chat, smollm2, a .gguf)."
+    ),
+    chat_fetch_urls: bool = typer.Option(
+        False,
+        "--chat-fetch-urls",
+        help="Fetch http(s) image URLs in chat requests (default: data: URLs only).",
+    ),
     task_timeout: float = typer.Option(
         60.0, "--task-timeout", min=0.001, help="Seconds a /vqa or /caption request may take before a 504."
     ),
@@ -49,7 +57,7 @@ def serve(
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.01, help="Largest request body, in MiB."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
-    """Serve embeddings and generated images (OpenAI-compatible), zero-shot labels, search, VQA, captions."""
+    """Serve embeddings, chat and images (OpenAI-compatible), zero-shot labels, search, VQA and captions."""
     import uvicorn
 
     from duomo.serve import ServeSettings, create_app
@@ -66,6 +74,8 @@ def serve(
         caption_model=caption_model,
         caption_guide=caption_guide,
         generator=generator,
+        chat=chat,
+        chat_fetch_urls=chat_fetch_urls,
         task_timeout_s=task_timeout,
         host=host,
         port=port,

@@ -137,8 +137,33 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
             max_side=settings.max_generate_side,
             observer=metrics,
         )
+    chat = None
+    if settings.chat:
+        from duomo.api import load
+        from duomo.api.chat import ChatPipeline
+        from duomo.errors import InputError
+        from duomo.serve.chat import ChatService
+
+        bot = load(settings.chat, device=settings.device)
+        if not isinstance(bot, ChatPipeline):
+            raise InputError(f"--chat {settings.chat!r} is not a chat model (shapes-chat, smollm2, a .gguf)")
+        chat = ChatService(
+            bot,
+            model.executor,
+            name=Path(settings.chat).name,
+            max_batch=settings.chat_batch,
+            max_queue=max(4, settings.max_queue // 4),
+            max_tokens=settings.max_chat_tokens,
+            observer=metrics,
+        )
     state = ServerState(
-        settings=settings, metrics=metrics, model=model, index=index, tasks=tasks, generation=generation
+        settings=settings,
+        metrics=metrics,
+        model=model,
+        index=index,
+        tasks=tasks,
+        generation=generation,
+        chat=chat,
     )
 
     @asynccontextmanager
@@ -147,6 +172,8 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
         await tasks.start()
         if generation is not None:
             await generation.start()
+        if chat is not None:
+            await chat.start()
         log.info("duomo serve: model %s (dim %d), index %s", model.name, model.dim, index.index_dir)
         for task, name in tasks.names.items():
             log.info("duomo serve: /%s model %s", task, name)
@@ -156,6 +183,8 @@ def create_app(settings: ServeSettings | None = None, *, pipeline: Pipeline | No
             state.draining = True
             if generation is not None:
                 await generation.close(drain=True, timeout=settings.drain_timeout_s)
+            if chat is not None:
+                await chat.close(drain=True, timeout=settings.drain_timeout_s)
             await tasks.close(drain=True)  # before the model service stops the model thread they share
             await model.close(drain=True)
             index.close()

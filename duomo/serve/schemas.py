@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -223,3 +223,27 @@ class ImageGenerationRequest(BaseModel):
     guidance: float | None = Field(None, description="duomo: classifier-free guidance scale")
     sampler: str | None = Field(None, description="duomo: dpm, ddim, euler_a or ddpm")
     seed: int | None = Field(None, description="duomo: image i uses seed + i (default: random)")
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat.completions request (text and image_url content parts), plus duomo's decoding extras
+    (`top_k`, `repetition_penalty`; send them in `extra_body`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[dict[str, Any]] = Field(..., description="the conversation, oldest first")
+    model: str | None = Field(None, description="the served chat model's name (or 'default'); None: it")
+    max_tokens: int | None = Field(None, description="most tokens in the reply")
+    max_completion_tokens: int | None = Field(None, description="the same, OpenAI's newer name")
+    temperature: float = Field(1.0, description="0: greedy; OpenAI's default is 1")
+    top_p: float = Field(1.0, description="nucleus sampling")
+    stop: str | list[str] | None = Field(None, description="stop before any of these strings")
+    stream: bool = Field(False, description="server-sent events, one per piece of text, then data: [DONE]")
+    stream_options: dict[str, Any] | None = Field(
+        None, description="{'include_usage': true}: usage at the end"
+    )
+    seed: int | None = Field(None, description="random seed when sampling")
+    n: int = Field(1, description="choices per request (1 only)")
+    user: str | None = None
+    top_k: int = Field(0, description="duomo: sample from the k most likely tokens (0: all)")
+    repetition_penalty: float = Field(1.0, description="duomo: > 1 discourages repeated tokens")

@@ -55,6 +55,15 @@ class ServeSettings(BaseModel):
     generate_timeout_s: float = Field(
         300.0, gt=0, description="longest a /v1/images/generations request may wait and run; beyond it 504"
     )
+    chat: str | None = Field(
+        None, description="chat model for /v1/chat/completions (e.g. shapes-chat, smollm2); None: none"
+    )
+    chat_batch: int = Field(16, ge=1, description="most requests decoding together in one step")
+    max_chat_tokens: int = Field(512, ge=1, description="largest max_tokens of a chat request")
+    max_chat_images: int = Field(4, ge=0, description="most images in one chat request")
+    chat_timeout_s: float = Field(120.0, gt=0, description="longest wait for the next piece of a reply; 504")
+    chat_fetch_urls: bool = Field(False, description="fetch http(s) image_url parts (else data: URLs only)")
+    chat_fetch_timeout_s: float = Field(10.0, gt=0, description="time limit of one image URL fetch")
     task_timeout_s: float = Field(
         60.0, gt=0, description="longest a /vqa or /caption request may wait and run; beyond it 504"
     )

@@ -12,6 +12,7 @@ from duomo.serve.settings import ServeSettings
 from duomo.serve.tasks import TaskService
 
 if TYPE_CHECKING:  # imported when a generator is served: torch-side sampling code stays out otherwise
+    from duomo.serve.chat import ChatService
     from duomo.serve.generation import GenerationService
 
 
@@ -25,4 +26,5 @@ class ServerState:
     index: IndexService
     tasks: TaskService
     generation: GenerationService | None = None
+    chat: ChatService | None = None
     draining: bool = False

@@ -6,7 +6,18 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from duomo.serve.routes import classify, embeddings, generate, health, images, metrics, openai, search, tasks
+from duomo.serve.routes import (
+    chat,
+    classify,
+    embeddings,
+    generate,
+    health,
+    images,
+    metrics,
+    openai,
+    search,
+    tasks,
+)
 from duomo.serve.schemas import ErrorResponse
 from duomo.serve.security import require_api_key
 
@@ -15,7 +26,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 PUBLIC = (health, metrics)
 # in this order in the OpenAPI schema
-PROTECTED = (openai, generate, embeddings, classify, tasks, search, images)
+PROTECTED = (openai, chat, generate, embeddings, classify, tasks, search, images)
 
 public = APIRouter()
 for _module in PUBLIC:

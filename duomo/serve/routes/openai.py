@@ -70,10 +70,7 @@ async def embeddings(
 
 @router.get("/v1/models")
 async def list_models(state: State) -> JSONResponse:
-    """OpenAI-compatible model list: the one served model."""
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": [{"id": state.model.name, "object": "model", "created": 0, "owned_by": "duomo"}],
-        }
-    )
+    """OpenAI-compatible model list: the embedding model, and the chat model and generator when served."""
+    names = [state.model.name] + [s.name for s in (state.chat, state.generation) if s is not None]
+    data = [{"id": n, "object": "model", "created": 0, "owned_by": "duomo"} for n in names]
+    return JSONResponse({"object": "list", "data": data})
