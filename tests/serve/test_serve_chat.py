@@ -86,9 +86,19 @@ def test_openai_client_chat_with_an_image(pipeline: duomo.Pipeline, chat_dir: Pa
         service = app.state.duomo.chat
         before = service.decode_calls
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            outs = list(pool.map(lambda i: client.chat.completions.create(
-                model="default", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=1.0, seed=i,
-                extra_body={"top_k": 5}), range(6)))  # fmt: skip
+
+            def ask(i: int):
+                hello = [{"role": "user", "content": "hello"}]
+                return client.chat.completions.create(
+                    model="default",
+                    messages=hello,
+                    max_tokens=8,
+                    temperature=1.0,
+                    seed=i,
+                    extra_body={"top_k": 5},
+                )
+
+            outs = list(pool.map(ask, range(6)))
         assert len(outs) == 6 and service.decode_calls - before < 6 * 7
 
         bad = [
