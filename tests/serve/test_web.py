@@ -304,3 +304,46 @@ def test_create_panel_is_hidden_without_a_generator(page_at: tuple) -> None:
     page, _ = page_at
     page.wait_for_function("!document.getElementById('server-info').textContent.includes('connecting')")
     assert not page.locator("[data-testid=create]").is_visible()
+
+
+def test_chat_panel_streams_an_answer_about_an_image(
+    browser,  # noqa: ANN001
+    pipeline: duomo.Pipeline,
+    tmp_path: Path,
+) -> None:
+    """A chat model behind the page's chat panel (CSP enforced): choose an image, ask, the streamed reply
+    equals the library's answer; a follow-up keeps the conversation; "New chat" clears it."""
+    import sys
+
+    from playwright.sync_api import expect
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks" / "lm"))
+    from chat_helpers import tiny_chat_dir
+
+    from tests.serve.helpers import png_bytes
+
+    chat_dir = tiny_chat_dir(tmp_path / "tiny-chat")
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes((200, 30, 30), 64))
+    want = duomo.load(str(chat_dir)).chat(
+        [{"role": "user", "content": "<image>\nwhat colour is it ?"}],
+        [str(image)],
+        duomo.tasks.lm.decode.DecodeSettings(max_tokens=128),
+    )
+    assert want.text  # the tiny model says something, so the comparison below means something
+    settings = ServeSettings(use_index=False, chat=str(chat_dir))
+    with live_server(create_app(settings, pipeline=pipeline)) as url, csp_page(browser, url, 30_000) as page:
+        page.wait_for_selector("[data-testid=chat]:not([hidden])")
+        page.set_input_files("[data-testid=chat-file]", str(image))
+        page.fill("[data-testid=chat-input]", "what colour is it ?")
+        page.click("[data-testid=chat-button]")
+        reply = page.locator("[data-testid=chat-assistant].done")
+        expect(reply).to_have_count(1)
+        assert reply.inner_text() == want.text
+        page.fill("[data-testid=chat-input]", "hi")
+        page.click("[data-testid=chat-button]")
+        expect(page.locator("[data-testid=chat-assistant].done")).to_have_count(2)
+        expect(page.locator("[data-testid=chat-user]")).to_have_count(2)
+        save_artifact(page, tmp_path, "serve-chat.png")
+        page.click("[data-testid=chat-reset]")
+        expect(page.locator("[data-testid=chat-user]")).to_have_count(0)

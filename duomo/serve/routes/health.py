@@ -52,6 +52,7 @@ async def healthz(request: Request, state: State) -> JSONResponse:
             "index": _index_view(await run_in_threadpool(state.index.describe), is_authorized(request)),
             "tasks": state.tasks.describe(),
             "generator": None if state.generation is None else state.generation.name,
+            "chat": None if state.chat is None else state.chat.name,
             "queues": queues,
             "limits": limits(state.settings),
         }

@@ -1,5 +1,6 @@
 // duomo web page: text or example-image search over the server's index, and (when the server has BEiT-3 task
-// models) questions and captions about an image, and (with a generator) images created from a prompt.
+// models) questions and captions about an image, (with a generator) images created from a prompt, and (with a
+// chat model) a conversation about an image, streamed.
 // No build step, no dependencies.
 "use strict";
 
@@ -255,6 +256,94 @@ async function create(prompt) {
   if (!failure) showCreateStatus(n + " created; click one to search with it", "done");
 }
 
+// --- chat: a conversation about an image (POST /v1/chat/completions, stream: true); the reply appears piece
+// by piece as the server decodes it. The image goes with the first message, as a data: URL.
+const chat = { messages: [], image: null };
+
+function chatLine(role, text) {
+  const line = document.createElement("p");
+  line.className = "chat-" + role;
+  line.dataset.testid = "chat-" + role;
+  line.textContent = text;
+  $("chat-log").append(line);
+  return line;
+}
+
+function readDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("cannot read " + file.name));
+    reader.readAsDataURL(file);
+  });
+}
+
+function resetChat() {
+  chat.messages = [];
+  $("chat-log").replaceChildren();
+}
+
+async function chooseChatImage() {
+  const file = $("chat-file").files[0];
+  if (!file) return;
+  chat.image = await readDataUrl(file);
+  const preview = $("chat-preview");
+  preview.src = chat.image;
+  preview.alt = file.name;
+  preview.hidden = false;
+  resetChat();
+}
+
+async function sendChat(text) {
+  if (!text.trim()) return;
+  let content = text;
+  if (chat.messages.length === 0 && chat.image) {
+    content = [{ type: "image_url", image_url: { url: chat.image } }, { type: "text", text }];
+  }
+  chat.messages.push({ role: "user", content });
+  chatLine("user", text);
+  const reply = chatLine("assistant", "");
+  $("chat-button").disabled = true;
+  $("chat-input").value = "";
+  let answer = "";
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: Object.assign({ "Content-Type": "application/json" }, headers()),
+      body: JSON.stringify({ model: "default", messages: chat.messages, stream: true, temperature: 0, max_tokens: 128 }),
+    });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, end).trim();
+        buffer = buffer.slice(end + 2);
+        if (!event.startsWith("data:")) continue;
+        const data = event.slice(5).trim();
+        if (data === "[DONE]") continue;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        const piece = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
+        if (piece) { answer += piece; reply.textContent = answer; }
+      }
+    }
+    chat.messages.push({ role: "assistant", content: answer });
+    reply.classList.add("done");
+  } catch (err) {
+    chat.messages.pop();
+    reply.textContent = err.message;
+    reply.className = "chat-error";
+    reply.setAttribute("role", "alert");
+  }
+  $("chat-button").disabled = false;
+}
+
 async function loadInfo() {
   try {
     const info = await call("/healthz");
@@ -270,6 +359,7 @@ async function loadInfo() {
     $("question").hidden = $("ask-button").hidden = !tasks.vqa;
     $("caption-button").hidden = !tasks.caption;
     $("create").hidden = !info.generator;
+    $("chat").hidden = !info.chat;
     if (!index.ready) setStatus("Search is unavailable: " + (index.error || "no index"), "error");
     else if (index.size === 0) setStatus("The index is empty: add images with `duomo index DIR`.", "empty");
   } catch (err) {
@@ -292,6 +382,12 @@ function setup() {
     runTask("vqa");
   });
   $("caption-button").addEventListener("click", () => runTask("caption"));
+  $("chat-file").addEventListener("change", chooseChatImage);
+  $("chat-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sendChat($("chat-input").value);
+  });
+  $("chat-reset").addEventListener("click", resetChat);
   $("create-form").addEventListener("submit", (event) => {
     event.preventDefault();
     create($("create-prompt").value);
