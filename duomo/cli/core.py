@@ -35,9 +35,10 @@ BackendOpt = typer.Option(
 def models() -> None:
     """List the built-in model configs and the checkpoints shipped with duomo."""
     from duomo.api import list_generators, list_pretrained
+    from duomo.io.resolve import list_chat_models
     from duomo.models import get_model_config, list_models, model_architecture
 
-    names = list_pretrained() + list_generators() + list_models()
+    names = list_pretrained() + list_generators() + list_chat_models() + list_models()
     width = max(map(len, names))
     headers = ("name", "kind", "embed", "image", "patch", "vision w×l", "text w×l", "act")
     table = make_table(*headers, key_width=width)
@@ -45,6 +46,8 @@ def models() -> None:
         table.add_row(name, "trained checkpoint", "", "", "", "", "", "")
     for name in list_generators():
         table.add_row(name, "trained generator", "", "", "", "", "", "")
+    for name in list_chat_models():
+        table.add_row(name, "trained chat model", "", "", "", "", "", "")
     for name in list_models():
         arch = model_architecture(name)
         if arch != "clip":

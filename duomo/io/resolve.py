@@ -32,11 +32,23 @@ def list_pretrained() -> list[str]:
     """Names of the duomo-trained CLIP checkpoints shipped inside the package."""
     if not WEIGHTS_DIR.is_dir():
         return []
+    from duomo.io.chat import is_chat_dir  # chat models: list_chat_models
     from duomo.io.generator import is_generator_folder  # generators are listed by duomo.api.generate
 
     return sorted(
-        p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").is_file() and not is_generator_folder(p)
+        p.name
+        for p in WEIGHTS_DIR.iterdir()
+        if (p / "config.json").is_file() and not is_generator_folder(p) and not is_chat_dir(p)
     )
+
+
+def list_chat_models() -> list[str]:
+    """Names of the chat models shipped inside the package (projector/LoRA weights over named parts)."""
+    from duomo.io.chat import is_chat_dir
+
+    if not WEIGHTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if is_chat_dir(p))
 
 
 def default_model_name() -> str:
