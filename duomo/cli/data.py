@@ -32,14 +32,25 @@ def export_command(
     coloured: Annotated[bool, typer.Option(help="digits: random pale paper and dark ink colours")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it holds a previous export")] = False,
     task: Annotated[
-        str, typer.Option(help="pairs (image-caption), or vqa: a JSONL manifest with each image's questions")
+        str,
+        typer.Option(
+            help="pairs (image-caption); vqa: a JSONL manifest with each image's questions; chat: LLaVA "
+            "conversations (conversations.json)"
+        ),
     ] = "pairs",
     language: Annotated[str, typer.Option(help="shapes: en, zh (Chinese texts) or both")] = "en",
 ) -> None:
     """Write a built-in dataset as a caption folder, a csv/tsv/jsonl manifest, or WebDataset shards; with
-    --task vqa, as the VQA manifest `duomo beit3-train vqa --data` reads."""
-    if task not in ("pairs", "vqa"):
-        raise InputError(f"unknown --task {task!r}; choose pairs or vqa")
+    --task vqa, as the VQA manifest `duomo beit3-train vqa --data` reads; with --task chat, as LLaVA's
+    conversation JSON `duomo train --task chat --data OUT/conversations.json` reads."""
+    if task not in ("pairs", "vqa", "chat"):
+        raise InputError(f"unknown --task {task!r}; choose pairs, vqa or chat")
+    if task == "chat":
+        if name != "shapes":
+            raise InputError("--task chat needs questions: only the shapes world has them")
+        if format not in ("folder", "conversations"):
+            raise InputError(f"--task chat writes LLaVA's conversations.json, not {format!r}; drop --format")
+        format = "conversations"  # noqa: A001
     if task == "vqa":
         if name != "shapes":
             raise InputError("--task vqa needs questions: only the shapes world has them")

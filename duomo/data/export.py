@@ -30,9 +30,10 @@ from torch.utils.data import Dataset, IterableDataset
 from duomo.data.catalog import EXPORT_MARKER
 from duomo.errors import InputError
 
-FORMATS: tuple[str, ...] = ("folder", "csv", "tsv", "jsonl", "wds")
+FORMATS: tuple[str, ...] = ("folder", "csv", "tsv", "jsonl", "wds", "conversations")
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg")
 MANIFEST_NAME = "manifest"
+CONVERSATIONS_NAME = "conversations.json"
 
 
 @dataclass
@@ -192,6 +193,37 @@ class _ShardWriter(_Writer):
             self.tar = None
 
 
+class _ConversationWriter(_Writer):
+    """images/part-00000/key.png and conversations.json: LLaVA's format, one conversation per image (a
+    description or a question first, then follow-ups), as `duomo train --task chat --data` reads it."""
+
+    def __init__(self, root: Path, shard_size: int, image_format: str, seed: int = 0) -> None:
+        super().__init__(root, shard_size, image_format)
+        self.records: list[dict[str, Any]] = []
+        self.seed = seed
+        self.files = [CONVERSATIONS_NAME]
+
+    def add(self, sample: dict) -> None:
+        import random
+
+        from duomo.data.conversations import shapes_conversation
+
+        key = self.key(sample)
+        image = f"images/{self.part()}/{key}.{self.image_format}"
+        self.write_file(image, image_bytes(sample["image"], self.image_format))
+        turns = shapes_conversation(sample, random.Random(f"{self.seed}/{key}"))
+        who = {"user": "human", "assistant": "gpt"}
+        self.records.append(
+            {"id": key, "image": image, "conversations": [{"from": who[r], "value": t} for r, t in turns]}
+        )
+        self.count += 1
+
+    def close(self) -> None:
+        (self.root / CONVERSATIONS_NAME).write_text(
+            json.dumps(self.records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+        )
+
+
 def check_target(out: Path, overwrite: bool) -> None:
     """Refuse an OUT that is a file, or a non-empty folder (unless overwrite and it is a previous export)."""
     if out.exists() and not out.is_dir():
@@ -245,7 +277,9 @@ def export_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         writer: _Writer
-        if fmt == "folder":
+        if fmt == "conversations":
+            writer = _ConversationWriter(tmp, shard_size, image_format)
+        elif fmt == "folder":
             writer = _FolderWriter(tmp, shard_size, image_format)
         elif fmt == "wds":
             writer = _ShardWriter(tmp, shard_size, image_format)
