@@ -122,3 +122,32 @@ def test_openai_client_chat_with_an_image(pipeline: duomo.Pipeline, chat_dir: Pa
 def test_no_chat_model_is_a_clear_404(make_client) -> None:
     res = make_client().post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert res.status_code == 404 and "--chat" in res.json()["error"]["message"]
+
+
+def test_a_client_that_hangs_up_frees_its_row(pipeline: duomo.Pipeline, chat_dir: Path) -> None:
+    import time as _time
+
+    import httpx
+
+    app = create_app(ServeSettings(use_index=False, chat=str(chat_dir)), pipeline=pipeline)
+    with live_server(app) as base:
+        service = app.state.duomo.chat
+        original = service._step
+
+        def slow_step(joining):  # noqa: ANN001, ANN202 - 20 ms a step: the reply outlives the client
+            _time.sleep(0.02)
+            return original(joining)
+
+        service._step = slow_step
+        service.pipeline.end_ids = ()  # the reply can only end by length: 200 steps, 4 s at least
+        body = {"model": "default", "messages": [{"role": "user", "content": "hello"}], "stream": True,
+                "max_tokens": 200, "temperature": 1.0, "seed": 1}  # fmt: skip
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data:") and "content" in line:
+                    break  # one piece read, then hang up
+        deadline = _time.monotonic() + 10
+        while (service.active or service.waiting) and _time.monotonic() < deadline:
+            _time.sleep(0.05)
+        assert not service.active and service.abandoned >= 1
