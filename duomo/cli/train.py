@@ -51,6 +51,14 @@ def train(
     accum: int = typer.Option(None, "--accum", min=1, help="Micro-batches per optimiser step."),
     precision: str = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (fp16: GPU only)."),
     grad_clip: float = typer.Option(None, "--grad-clip", help="Max gradient norm (0 disables)."),
+    fsdp: bool = typer.Option(
+        None, "--fsdp/--no-fsdp", help="Under torchrun: shard weights, gradients and optimiser state (FSDP2)."
+    ),
+    fsdp_save: str = typer.Option(
+        None,
+        "--fsdp-save",
+        help="With --fsdp: full (one gathered file) or sharded (distributed checkpoint).",
+    ),
     grad_checkpointing: bool = typer.Option(
         None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations to save memory."
     ),

@@ -123,3 +123,8 @@ def prune_checkpoints(out: str | Path, keep: int) -> None:
     if keep > 0:
         for path in list_checkpoints(out)[:-keep]:
             path.unlink(missing_ok=True)
+            shards = path.with_suffix(".dcp")  # a sharded (FSDP) checkpoint's folder
+            if shards.is_dir():
+                import shutil
+
+                shutil.rmtree(shards, ignore_errors=True)

@@ -43,6 +43,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None or 0 disables
     precision: str = "fp32"  # "fp32", "bf16" (autocast), "fp16" (autocast + GradScaler, GPU only)
     grad_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimiser state (FSDP2) instead of DDP
+    fsdp_save: str = "full"  # "full": one gathered file; "sharded": a distributed-checkpoint folder
     lock_image: bool = False  # LiT: freeze the image tower
     lock_text: bool = False  # freeze the text tower
     cache_frozen: bool = True  # compute a frozen (LiT) tower's features once per distinct input
@@ -93,6 +95,14 @@ class TrainConfig:
                 f"stage must be 1 (align the projector) or 2 (instruction-tune), got {self.stage}",
             ),
             (self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}"),
+            (
+                self.fsdp_save in ("full", "sharded"),
+                f"fsdp_save must be full or sharded, got {self.fsdp_save!r}",
+            ),
+            (
+                not (self.fsdp and self.ema),
+                "ema with fsdp is not built: train without --ema, or without --fsdp",
+            ),
             (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),

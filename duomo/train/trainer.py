@@ -140,6 +140,17 @@ class Trainer:
                 raise ConfigError(f"{type(self.model).__name__} does not support gradient checkpointing")
             self.model.set_grad_checkpointing(True)
 
+        # FSDP2 under torchrun (`cfg.fsdp`): shard before the optimiser sees the parameters
+        self.fsdp = cfg.fsdp and self.info.distributed
+        self.whole_params: list[nn.Parameter] = []
+        self.shell: nn.Module | None = None
+        if self.fsdp:
+            from duomo.train import fsdp
+
+            self.shell = fsdp.meta_shell(self.model) if self.info.is_main else None
+            self.whole_params = [
+                p for p in fsdp.shard(self.model, self.info, cfg.precision) if p.requires_grad
+            ]
         self.optimizer = build_optimizer(
             self.model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps, cfg.head_lr_weight, body
         )
@@ -148,7 +159,7 @@ class Trainer:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.ema = EMA(self.model, cfg.ema) if cfg.ema else None  # of the trainable weights; exported when on
         # forward through self.ddp; save and inspect self.model
-        self.ddp = wrap_ddp(self.model, self.info, find_unused)
+        self.ddp = self.model if self.fsdp else wrap_ddp(self.model, self.info, find_unused)
 
         self.step = 0  # optimiser steps done
         self.epoch = 0  # data position: the next micro-batch is batch `batch_in_epoch` of `epoch`
@@ -183,6 +194,11 @@ class Trainer:
     def ddp_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients on the last backward of a step only (no_sync() for the others)."""
         if sync or not self.info.distributed:
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.fsdp:  # accumulate locally; the last micro-batch reduces
+            self.model.set_requires_gradient_sync(False)
             return contextlib.nullcontext()
         return self.ddp.no_sync()
 
@@ -225,7 +241,13 @@ class Trainer:
         """Clip, step, schedule, clamp the temperature; returns the gradient norm before clipping."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if self.fsdp:
+            from duomo.train import fsdp
+
+            fsdp.average_whole_grads(self.whole_params, self.info.world_size)
+            grad_norm = fsdp.clip_grad_norm(self.params, max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -269,8 +291,8 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.model.state_dict() if not self.fsdp else None,
+            "optimizer": self.optimizer.state_dict() if not self.fsdp else None,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": [ckpt.rng_state()],
@@ -279,13 +301,30 @@ class Trainer:
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        if self.fsdp and self.cfg.fsdp_save == "full":  # gathered on rank 0 (every rank takes part)
+            from duomo.train import fsdp
+
+            state["model"] = fsdp.full_model_state(self.model)
+            state["optimizer"] = fsdp.full_optimizer_state(self.model, self.optimizer)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from `state_dict` (on any rank; each takes its own RNG state when it can)."""
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.fsdp:
+                from duomo.train import fsdp
+
+                if state.get("sharded"):
+                    fsdp.load_sharded(self.model, self.optimizer, Path(state["sharded"]))
+                else:
+                    fsdp.load_full_state(self.model, self.optimizer, state)
+            else:
+                if state.get("model") is None:
+                    raise CheckpointError(
+                        "this checkpoint is sharded (--fsdp-save sharded): resume it under torchrun, --fsdp"
+                    )
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             if self.ema is not None:
@@ -307,6 +346,12 @@ class Trainer:
         state = self.state_dict()
         state["rng"] = all_gather_object(state["rng"][0])
         path = None
+        if self.fsdp and self.cfg.fsdp_save == "sharded":  # every rank writes its own shards
+            from duomo.train import fsdp
+
+            shards = ckpt.checkpoint_path(self.out, self.step).with_suffix(".dcp")
+            fsdp.save_sharded(self.model, self.optimizer, shards)
+            state["sharded"] = str(shards.resolve())
         if self.info.is_main:
             path = ckpt.save_checkpoint(state, ckpt.checkpoint_path(self.out, self.step))
             ckpt.prune_checkpoints(self.out, self.cfg.keep_checkpoints)
@@ -334,6 +379,21 @@ class Trainer:
     def export(self) -> Path | None:
         """Write the final model (its EMA weights when `cfg.ema` is on) in duomo's native format to OUT/model
         (rank 0)."""
+        if (
+            self.fsdp
+        ):  # gather the whole model (every rank takes part), rank 0 writes it from an unsharded copy
+            from duomo.train import fsdp
+
+            state = fsdp.full_model_state(self.model)
+            if not self.info.is_main:
+                return None
+            assert self.shell is not None
+            module = fsdp.filled_shell(self.shell, state)
+            if self.export_fn is not None:
+                return self.export_fn(module, self.out)
+            from duomo.io import save_native
+
+            return save_native(module, self.out / "model", self.meta)
         if not self.info.is_main:
             return None
         if self.ema is not None:
