@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "duomo.cli.beit3",
     "duomo.cli.generate",
     "duomo.cli.chat",
+    "duomo.cli.collection",
 ]
 for _name in COMMAND_MODULES:
     try:
