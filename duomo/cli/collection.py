@@ -36,7 +36,7 @@ def embed_collection_command(
     """Embed a collection as resumable parquet partitions (the model and dimension in their metadata)."""
     from tqdm import tqdm
 
-    from duomo.tasks.clip.collection import run_collection_job
+    from duomo.index.collection import run_collection_job
 
     bar = tqdm(total=0, desc="partitions", unit="part", dynamic_ncols=True)
 

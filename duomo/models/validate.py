@@ -77,3 +77,15 @@ def check_fields(obj: Any, section: str) -> None:
     width, heads = getattr(obj, "width", None), getattr(obj, "heads", None)
     if isinstance(width, int) and isinstance(heads, int) and heads and width % heads:
         raise ConfigError(f"{section}.width {width} is not divisible by {section}.heads {heads}")
+
+
+def check_known_fields(data: dict[str, Any], cls: type, section: str) -> None:
+    """Refuse a JSON key that is not a field of dataclass `cls`, naming the closest known one."""
+    import difflib
+
+    known = [f.name for f in dataclasses.fields(cls)]
+    for name in data:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(known)}"
+            raise ConfigError(f"unknown {section} config field {name!r}{hint}")

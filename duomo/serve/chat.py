@@ -220,11 +220,7 @@ class ChatService:
                     job.finish = "length"
             if job.finish is not None:
                 piece += job.stream.finish()
-                text = job.stream.text()
-                for s in job.settings.stop:
-                    if s in text:
-                        text = text[: text.find(s)]
-                done = Completion(list(job.stream.ids), text, job.finish)
+                done = Completion(list(job.stream.ids), job.stream.final_text(), job.finish)
                 done.prompt_tokens = job.prompt_tokens  # type: ignore[attr-defined]
                 outputs.append((job, piece, done))
             else:

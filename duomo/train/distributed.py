@@ -7,8 +7,10 @@ returns a single-process `DistInfo` and starts nothing, so the same code runs in
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,3 +140,16 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(values, t.tolist(), strict=True))
+
+
+@contextlib.contextmanager
+def process_group(device: str | None, info: DistInfo | None = None) -> Iterator[DistInfo]:
+    """This process's `DistInfo`: the caller's, or a process group joined now (under torchrun) and left after;
+    a caller's group is never torn down."""
+    owns = info is None and not (dist.is_available() and dist.is_initialized())
+    info = info or init_distributed(device)
+    try:
+        yield info
+    finally:
+        if owns:
+            cleanup()

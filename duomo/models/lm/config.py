@@ -4,12 +4,11 @@ GPT-2 layout, read from and written to JSON with did-you-mean errors for unknown
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Any
 
 from duomo.errors import ConfigError
-from duomo.models.validate import check_fields
+from duomo.models.validate import check_fields, check_known_fields
 
 ARCHITECTURE = "causal-lm"
 LAYOUTS = ("llama", "gpt2")
@@ -78,10 +77,5 @@ class LMConfig:
         arch = data.pop("architecture", ARCHITECTURE)
         if arch != ARCHITECTURE:
             raise ConfigError(f"config is for architecture {arch!r}, not {ARCHITECTURE!r}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        for name in data:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(known)}"
-                raise ConfigError(f"unknown lm config field {name!r}{hint}")
+        check_known_fields(data, cls, "lm")
         return cls(**data)

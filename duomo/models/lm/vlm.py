@@ -12,7 +12,6 @@ Any number of images, anywhere in the text: each placeholder run of `tokens_per_
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,7 @@ from duomo.models.clip.config import VisionConfig
 from duomo.models.clip.vit import VisionTransformer
 from duomo.models.lm.config import LMConfig
 from duomo.models.lm.model import CausalLM, LMCache
+from duomo.models.validate import check_known_fields
 
 ARCHITECTURE = "vision-language"
 PROJECTORS = ("linear", "mlp")
@@ -79,18 +79,9 @@ class VLMConfig:
         arch = data.pop("architecture", ARCHITECTURE)
         if arch != ARCHITECTURE:
             raise ConfigError(f"config is for architecture {arch!r}, not {ARCHITECTURE!r}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        for name in data:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                raise ConfigError(
-                    f"unknown vlm config field {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                )
+        check_known_fields(data, cls, "vlm")
         vision_fields = dict(data.pop("vision", {}) or {})
-        vision_known = {f.name for f in dataclasses.fields(VisionConfig)}
-        unknown = set(vision_fields) - vision_known
-        if unknown:
-            raise ConfigError(f"unknown vlm.vision fields {sorted(unknown)}")
+        check_known_fields(vision_fields, VisionConfig, "vlm.vision")
         for key in ("mean", "std"):
             if key in vision_fields:
                 vision_fields[key] = tuple(vision_fields[key])

@@ -26,7 +26,7 @@ from duomo.tasks.diffusion.generate import PromptTokenizer
 from duomo.train.checkpoint import seed_everything
 from duomo.train.config import TrainConfig
 from duomo.train.data import pair_loader_factory
-from duomo.train.distributed import DistInfo, cleanup, init_distributed, resolve_device
+from duomo.train.distributed import DistInfo, process_group, resolve_device
 from duomo.train.frozen_cache import cache_frozen_features
 from duomo.train.objectives.diffusion import DenoisingObjective
 from duomo.train.run import build_dataset
@@ -126,10 +126,5 @@ def build_trainer(cfg: TrainConfig, info: DistInfo | None = None) -> Trainer:
 def train_generator(cfg: TrainConfig, info: DistInfo | None = None) -> dict[str, Any]:
     """Train as `cfg` says, alone or under torchrun; returns `Trainer.fit`'s result ("model": the generator
     folder OUT/model)."""
-    owns_group = info is None and not torch.distributed.is_initialized()
-    info = info or init_distributed(cfg.device)
-    try:
-        return build_trainer(cfg, info).fit()
-    finally:
-        if owns_group:
-            cleanup()
+    with process_group(cfg.device, info) as joined:
+        return build_trainer(cfg, joined).fit()

@@ -112,6 +112,12 @@ class TextStream:
         self.sent = max(self.sent, safe)
         return piece
 
+    def final_text(self) -> str:
+        """The whole reply, cut before the first stop string."""
+        text = self.text()
+        cuts = [text.find(s) for s in self.stop if s in text]
+        return text[: min(cuts)] if cuts else text
+
     def finish(self) -> str:
         """What was held back, at the end (unless a stop string cut it)."""
         if self.stopped:
@@ -171,12 +177,7 @@ def decode_stream(
     tail = stream.finish()
     if tail:
         yield tail
-    text = stream.text()
-    for s in settings.stop:
-        at = text.find(s)
-        if at != -1:
-            text = text[:at]
-    yield Completion(stream.ids, text, finish)
+    yield Completion(stream.ids, stream.final_text(), finish)
 
 
 def complete(

@@ -29,7 +29,7 @@ from duomo.tasks.lm.chat_data import collate_conversations
 from duomo.train.checkpoint import seed_everything
 from duomo.train.config import TrainConfig
 from duomo.train.data import map_loader_factory
-from duomo.train.distributed import DistInfo, cleanup, init_distributed, resolve_device
+from duomo.train.distributed import DistInfo, process_group, resolve_device
 from duomo.train.objectives.lm import NextTokenObjective
 from duomo.train.run import build_dataset
 from duomo.train.trainer import Trainer
@@ -154,10 +154,5 @@ def build_trainer(cfg: TrainConfig, info: DistInfo | None = None) -> Trainer:
 
 def train_chat(cfg: TrainConfig, info: DistInfo | None = None) -> dict[str, Any]:
     """Train as `cfg` says, alone or under torchrun; the chat folder is OUT/model."""
-    owns_group = info is None and not torch.distributed.is_initialized()
-    info = info or init_distributed(cfg.device)
-    try:
-        return build_trainer(cfg, info).fit()
-    finally:
-        if owns_group:
-            cleanup()
+    with process_group(cfg.device, info) as joined:
+        return build_trainer(cfg, joined).fit()

@@ -18,7 +18,7 @@ import pytest
 
 import duomo
 from duomo.errors import InputError
-from duomo.tasks.clip.collection import part_name, read_collection, run_collection_job
+from duomo.index.collection import part_name, read_collection, run_collection_job
 from duomo.tasks.clip.embed import embed_image_files
 from tests.serve.helpers import png_bytes
 
@@ -98,7 +98,7 @@ def test_ray_job_killed_midway_finishes_with_only_the_missing_partitions(
     # a driver that dies abruptly (os._exit, no clean-up) once two partitions are reported done
     crash = textwrap.dedent(f"""
         import os
-        from duomo.tasks.clip.collection import run_collection_job
+        from duomo.index.collection import run_collection_job
         def progress(done, total):
             if done >= 2:
                 os._exit(9)
