@@ -23,7 +23,7 @@ from duomo.data.images import load_image
 from duomo.data.tokenizers.lm import LMTokenizer
 from duomo.data.transforms import image_transform
 from duomo.errors import InputError
-from duomo.models.lm.model import CausalLM
+from duomo.models.lm.model import CausalLM, LMCache
 from duomo.models.lm.vlm import VisionLanguageModel
 from duomo.tasks.lm.chat_data import encode_conversation
 from duomo.tasks.lm.decode import Completion, DecodeSettings, decode_stream
@@ -62,8 +62,9 @@ class ChatPipeline:
 
     def prepare(
         self, messages: Sequence[dict[str, str]], images: Sequence[Any] = ()
-    ) -> tuple[list[int], torch.Tensor]:
-        """(prompt ids, input embeddings [1, T, width]) of a conversation, ready to decode its next reply."""
+    ) -> tuple[list[int], LMCache, torch.Tensor, int]:
+        """A conversation through the model, ready to decode its next reply: (prompt ids without image
+        placeholders, the filled cache, the last logits, the prompt's length in positions)."""
         if not messages:
             raise InputError("the message list is empty")
         turns = []
@@ -94,9 +95,13 @@ class ChatPipeline:
                 f"the conversation is {len(ids)} tokens; this model reads at most {self.context_length}"
             )
         batch = torch.tensor([ids], device=self.device)
+        cache = self.lm.new_cache()
         with torch.inference_mode():
-            embeds = self.model.embed(batch, pixels) if self.vision else self.lm.embed(batch)
-        return [i for i in ids if i != image_id], embeds
+            if self.vision:
+                logits = self.model.prefill(batch, pixels, cache)
+            else:
+                logits = self.lm(batch, cache=cache, last_only=True)[0, -1]
+        return [i for i in ids if i != image_id], cache, logits, len(ids)
 
     def stream(
         self,
@@ -105,8 +110,11 @@ class ChatPipeline:
         settings: DecodeSettings | None = None,
     ) -> Iterator[str | Completion]:
         """Text pieces of the reply as they are decoded, then the `Completion`."""
-        ids, embeds = self.prepare(messages, images)
-        return decode_stream(self.lm, self.tokenizer, ids, settings or DecodeSettings(), embeds, self.end_ids)
+        ids, cache, logits, length = self.prepare(messages, images)
+        settings = settings or DecodeSettings()
+        return decode_stream(
+            self.lm, self.tokenizer, ids, settings, None, self.end_ids, (cache, logits, length)
+        )
 
     def chat(
         self,

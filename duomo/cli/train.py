@@ -28,6 +28,9 @@ def train(
     ),
     stage: int = typer.Option(None, "--stage", help="chat: 1 aligns the projector, 2 instruction-tunes."),
     lora_rank: int = typer.Option(None, "--lora-rank", min=0, help="chat: LoRA rank on the LM (0: none)."),
+    lora_scope: str = typer.Option(
+        None, "--lora-scope", help="chat: image (adapters at image tokens; text keeps the base LM) or all."
+    ),
     train_lm: bool = typer.Option(None, "--train-lm/--no-train-lm", help="chat: stage 2 tunes the whole LM."),
     ema: float = typer.Option(None, "--ema", help="Export an exponential moving average with this decay."),
     caption_dropout: float = typer.Option(

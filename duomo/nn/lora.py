@@ -19,6 +19,15 @@ from duomo.nn.attention import MultiHeadAttention
 DEFAULT_TARGETS: tuple[str, ...] = ("qkv", "proj")
 
 
+class PositionGate:
+    """Which sequence positions a set of adapters applies to (CogVLM's "visual expert" idea, as LoRA): the
+    model sets `positions` ([B, T], 1 where the update applies) before a forward pass; None means no position,
+    so the layer computes exactly its base weights (text-only inputs keep the base model's behaviour)."""
+
+    def __init__(self) -> None:
+        self.positions: torch.Tensor | None = None
+
+
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a trainable low-rank update (alpha / rank) * B A."""
 
@@ -34,6 +43,7 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gate: PositionGate | None = None  # None: the update applies everywhere
         base.requires_grad_(False)
 
     @property
@@ -62,6 +72,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the low-rank path, which never forms the full update matrix."""
+        if self.gate is not None:
+            where = self.gate.positions
+            if where is None:
+                return self.base(x)
+            update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
+            return self.base(x) + self.scaling * update * where[..., None].to(update.dtype)
         update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
         return self.base(x) + self.scaling * update
 
@@ -133,15 +149,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def apply_lora_by_name(
-    model: nn.Module, names: Sequence[str], rank: int = 8, alpha: float = 16.0, dropout: float = 0.0
+    model: nn.Module,
+    names: Sequence[str],
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    gate: PositionGate | None = None,
 ) -> list[str]:
     """Wrap every nn.Linear child called one of `names` (e.g. a language model's "q_proj", "v_proj") with
-    LoRA; returns the wrapped layers' names. Nothing is frozen here: the caller decides what trains."""
+    LoRA; returns the wrapped layers' names. With a `gate`, the updates apply only at the positions it names.
+    Nothing is frozen here: the caller decides what trains."""
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in names and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
+                layer = LoRALinear(child, rank, alpha, dropout)
+                layer.gate = gate
+                setattr(module, child_name, layer)
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:
         raise ValueError(f"{type(model).__name__} has no Linear layers named {list(names)}")

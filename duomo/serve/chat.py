@@ -109,18 +109,14 @@ class ChatService:
 
     def _prefill(self, messages: list, images: list, settings: DecodeSettings) -> ChatJob:
         """Prompt through the model once (in the model thread): the request's cache and first logits."""
-        ids, embeds = self.pipeline.prepare(messages, images)
-        lm = self.pipeline.lm
-        cache = lm.new_cache()
-        with torch.inference_mode():
-            logits = lm(embeds=embeds, cache=cache, last_only=True)[0, -1]
-        room = lm.config.max_positions - embeds.shape[1]
+        ids, cache, logits, length = self.pipeline.prepare(messages, images)
+        room = self.pipeline.lm.config.max_positions - length
         return ChatJob(
             settings=settings,
             history=list(ids),
             stream=TextStream(self.pipeline.tokenizer, settings.stop),
             limit=min(settings.max_tokens, room),
-            prompt_tokens=int(embeds.shape[1]),
+            prompt_tokens=length,
             queue=asyncio.Queue(),
             cache=cache,
             logits=logits,

@@ -65,6 +65,7 @@ class TrainConfig:
     lm_from: str | None = None  # the language model: "smollm2", a .gguf file or a transformers directory
     stage: int = 2  # 1: align the projector (descriptions); 2: instruction-tune projector + LoRA (or the LM)
     lora_rank: int = 8  # LoRA on the LM's attention projections in stage 2 (0: none)
+    lora_scope: str = "image"  # "image": adapters act at image tokens only (text keeps the base LM); "all"
     train_lm: bool = False  # stage 2 trains the whole language model instead of LoRA adapters
     max_length: int = 512  # conversations longer than this many tokens are skipped
     # bookkeeping
@@ -95,6 +96,10 @@ class TrainConfig:
                 f"stage must be 1 (align the projector) or 2 (instruction-tune), got {self.stage}",
             ),
             (self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}"),
+            (
+                self.lora_scope in ("image", "all"),
+                f"lora_scope must be image or all, got {self.lora_scope!r}",
+            ),
             (
                 self.fsdp_save in ("full", "sharded"),
                 f"fsdp_save must be full or sharded, got {self.fsdp_save!r}",

@@ -11,7 +11,9 @@ Any number of images, anywhere in the text: each placeholder run of `tokens_per_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,7 @@ from duomo.models.clip.vit import VisionTransformer
 from duomo.models.lm.config import LMConfig
 from duomo.models.lm.model import CausalLM, LMCache
 from duomo.models.validate import check_known_fields
+from duomo.nn.lora import PositionGate, apply_lora_by_name
 
 ARCHITECTURE = "vision-language"
 PROJECTORS = ("linear", "mlp")
@@ -116,6 +119,29 @@ class VisionLanguageModel(nn.Module):
         self.vision.proj = nn.Identity()  # the tower's CLIP projection is never used here
         self.projector = Projector(cfg.projector, cfg.vision.width, cfg.lm.width)
         self.lm = lm
+        self.lora_gate: PositionGate | None = None  # set by attach_lora(scope="image")
+
+    def attach_lora(self, targets: list[str], rank: int, alpha: float, scope: str = "image") -> list[str]:
+        """LoRA adapters on the language model's `targets` layers. scope "image": they act only at image-token
+        positions (CogVLM's visual expert, low-rank): text is processed by the base weights, so a text-only
+        conversation gets exactly the base model's answers; "all": everywhere (LLaVA's LoRA)."""
+        if scope not in ("image", "all"):
+            raise ConfigError(f"LoRA scope must be image or all, got {scope!r}")
+        self.lora_gate = PositionGate() if scope == "image" else None
+        return apply_lora_by_name(self.lm, targets, rank, alpha, gate=self.lora_gate)
+
+    @contextlib.contextmanager
+    def gated(self, ids: torch.Tensor) -> Iterator[None]:
+        """Within the block, image-scoped adapters act at the image placeholders of `ids`."""
+        if self.lora_gate is None:
+            yield
+            return
+        slots = ids == self.config.image_token_id
+        self.lora_gate.positions = slots.float() if bool(slots.any()) else None
+        try:
+            yield
+        finally:
+            self.lora_gate.positions = None
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Images [N, 3, H, W] -> image tokens [N, tokens_per_image, LM width]."""
@@ -157,10 +183,19 @@ class VisionLanguageModel(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, T, vocab] of a batch of (multimodal) sequences; with `select` [B, T] (bool), only the
         selected positions' logits [n, vocab] (training scores the labelled positions alone)."""
-        if select is None:
-            return self.lm(embeds=self.embed(ids, images), mask=mask, cache=cache)
-        hidden = self.lm.hidden_states(self.embed(ids, images), mask, cache)
+        embeds = self.embed(ids, images)
+        with self.gated(ids):
+            if select is None:
+                return self.lm(embeds=embeds, mask=mask, cache=cache)
+            hidden = self.lm.hidden_states(embeds, mask, cache)
         return self.lm.lm_head(hidden[select])
+
+    def prefill(self, ids: torch.Tensor, images: torch.Tensor | None, cache: LMCache) -> torch.Tensor:
+        """A prompt [1, T] through the model into `cache`; the last position's logits [vocab] (decoding then
+        continues on `self.lm` with text tokens only)."""
+        embeds = self.embed(ids, images)
+        with self.gated(ids):
+            return self.lm(embeds=embeds, cache=cache, last_only=True)[0, -1]
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.lm.set_grad_checkpointing(enabled)

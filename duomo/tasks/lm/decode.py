@@ -144,24 +144,33 @@ def decode_stream(
     settings: DecodeSettings,
     embeds: torch.Tensor | None = None,
     end_ids: tuple[int, ...] = (),
+    prefilled: tuple[LMCache, torch.Tensor, int] | None = None,
 ) -> Iterator[str | Completion]:
     """Decode one prompt (token ids, or input embeddings [1, T, width] when images are in it), yielding text
     pieces as they are safe to show and, last, the `Completion`."""
-    if embeds is None:
-        if not prompt_ids:
-            raise InputError("the prompt is empty")
-        embeds = model.embed(torch.tensor([prompt_ids], device=model.embed_tokens.weight.device))
+    device = model.embed_tokens.weight.device
     limit = model.config.max_positions
-    if embeds.shape[1] >= limit:
-        raise InputError(f"the prompt is {embeds.shape[1]} tokens; this model reads at most {limit}")
+    if prefilled is None:
+        if embeds is None:
+            if not prompt_ids:
+                raise InputError("the prompt is empty")
+            embeds = model.embed(torch.tensor([prompt_ids], device=device))
+        length = embeds.shape[1]
+    else:  # the prompt already went through the model (a vision-language model's prefill)
+        length = prefilled[2]
+    if length >= limit:
+        raise InputError(f"the prompt is {length} tokens; this model reads at most {limit}")
     generator = settings.generator()
-    cache: LMCache = model.new_cache()
     history = list(prompt_ids or [])
     stream = TextStream(tokenizer, settings.stop)
     finish = "length"
     with torch.inference_mode():
-        logits = model(embeds=embeds, cache=cache, last_only=True)[0, -1]
-        for _ in range(min(settings.max_tokens, limit - embeds.shape[1])):
+        if prefilled is None:
+            cache: LMCache = model.new_cache()
+            logits = model(embeds=embeds, cache=cache, last_only=True)[0, -1]
+        else:
+            cache, logits, _ = prefilled
+        for _ in range(min(settings.max_tokens, limit - length)):
             token = pick(logits, history, settings, generator)
             if token in end_ids:
                 finish = "stop"
@@ -173,7 +182,7 @@ def decode_stream(
             if stream.stopped:
                 finish = "stop"
                 break
-            logits = model(torch.tensor([[token]], device=embeds.device), cache=cache)[0, -1]
+            logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
     tail = stream.finish()
     if tail:
         yield tail

@@ -58,18 +58,15 @@ def chat_config(name: str, vision_cfg: Any, lm_cfg: Any, image_token_id: int) ->
 
 def build_chat_model(cfg: TrainConfig) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, meta) to train: a chat folder to continue, or parts joined by a config."""
-    lora = (
-        {"rank": cfg.lora_rank, "alpha": 2.0 * cfg.lora_rank, "targets": LORA_TARGETS}
-        if cfg.lora_rank
-        else None
-    )
+    lora = None
+    if cfg.lora_rank:
+        lora = {"rank": cfg.lora_rank, "alpha": 2.0 * cfg.lora_rank, "targets": LORA_TARGETS}
+        lora["scope"] = cfg.lora_scope
     if cfg.pretrained:
         model, tokenizer, meta = load_chat(cfg.pretrained)
         meta = {k: meta[k] for k in ("vision_from", "lm_from", "system", "lora") if k in meta}
         if lora and not meta.get("lora") and cfg.stage == 2:
-            from duomo.nn.lora import apply_lora_by_name
-
-            apply_lora_by_name(model.lm, lora["targets"], lora["rank"], lora["alpha"])
+            model.attach_lora(lora["targets"], lora["rank"], lora["alpha"], lora["scope"])
             meta["lora"] = lora
         return model, tokenizer, meta
     if not cfg.vision_from or not cfg.lm_from:
