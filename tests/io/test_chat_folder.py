@@ -70,3 +70,34 @@ def test_broken_chat_folders_are_clear(chat_dir, tmp_path):
         load_chat(bad)
     with pytest.raises(UnknownModelError):
         read_lm("nonsense")
+
+
+def test_image_scoped_adapters_leave_text_to_the_base_model(tmp_path):
+    """scope "image": the adapters act at image positions only, so a text-only conversation is answered by
+    the base language model exactly, while conversations with an image do use them."""
+    from torchvision.transforms.functional import to_pil_image
+
+    from duomo.api.chat import ChatPipeline
+    from duomo.io.chat import read_lm
+
+    scoped = duomo.load(str(tiny_chat_dir(tmp_path / "scoped", scope="image")))
+    everywhere = duomo.load(str(tiny_chat_dir(tmp_path / "all", scope="all")))
+    base_lm, tok = read_lm(scoped.meta["lm_from"])
+    base = ChatPipeline(base_lm, tok, scoped.device)
+    text = [{"role": "user", "content": "what colour is the star ?"}]
+    scoped.system = everywhere.system = None
+    base_logits = base.prepare(text)[2]
+    assert torch.equal(scoped.prepare(text)[2], base_logits)  # exactly the base model
+    assert not torch.allclose(everywhere.prepare(text)[2], base_logits, atol=1e-4)
+    image = to_pil_image(torch.rand(3, 64, 64))
+    with_image = [{"role": "user", "content": "<image>\nwhat colour is it ?"}]
+    ids, _, logits, _ = scoped.prepare(with_image, [image])
+    scoped.model.lora_gate = None  # the same weights with the adapters switched off everywhere
+    for layer in scoped.model.lm.modules():
+        if hasattr(layer, "gate"):
+            layer.gate = None
+    for layer in scoped.model.lm.modules():
+        if hasattr(layer, "lora_b"):
+            layer.lora_b.data.zero_()
+    _, _, plain, _ = scoped.prepare(with_image, [image])
+    assert not torch.allclose(logits, plain)

@@ -61,14 +61,14 @@ def tiny_lm_dir(out: Path, seed: int = 0) -> Path:
     return export_hf_lm(CausalLM(cfg), out, "llama", tiny_tokenizer())
 
 
-def tiny_chat_dir(out: Path, seed: int = 0) -> Path:
+def tiny_chat_dir(out: Path, seed: int = 0, scope: str = "all") -> Path:
     lm_dir = tiny_lm_dir(out.parent / f"{out.name}-lm", seed)
     lm_cfg = LMConfig(
         vocab_size=len(WORDS), width=32, layers=2, heads=4, kv_heads=2, mlp_width=64, max_positions=256
     )
     vision = VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4)
     cfg = VLMConfig(vision=vision, lm=lm_cfg, pool=2, image_token_id=len(WORDS))
-    lora = {"rank": 2, "alpha": 4.0, "targets": ["q_proj", "v_proj"]}
+    lora = {"rank": 2, "alpha": 4.0, "targets": ["q_proj", "v_proj"], "scope": scope}
     torch.manual_seed(seed)
     model, _ = assemble(cfg, "shapes-tiny", str(lm_dir), lora)
     with torch.no_grad():
