@@ -30,7 +30,8 @@ from torch.utils.data import Dataset, IterableDataset
 from duomo.data.catalog import EXPORT_MARKER
 from duomo.errors import InputError
 
-FORMATS: tuple[str, ...] = ("folder", "csv", "tsv", "jsonl", "wds", "conversations")
+FORMATS: tuple[str, ...] = ("folder", "csv", "tsv", "jsonl", "wds")  # image-caption pairs, read back by duomo
+CONVERSATIONS = "conversations"  # LLaVA's conversation JSON (`duomo train --task chat` reads it)
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg")
 MANIFEST_NAME = "manifest"
 CONVERSATIONS_NAME = "conversations.json"
@@ -263,8 +264,8 @@ def export_dataset(
     progress: Callable[[int], None] | None = None,
 ) -> ExportResult:
     """Write a dataset's samples to OUT in one of FORMATS, atomically; returns what was written."""
-    if fmt not in FORMATS:
-        raise InputError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
+    if fmt not in (*FORMATS, CONVERSATIONS):
+        raise InputError(f"unknown export format {fmt!r}; choose one of {[*FORMATS, CONVERSATIONS]}")
     image_format = "jpg" if image_format == "jpeg" else image_format
     if image_format not in IMAGE_FORMATS:
         raise InputError(f"unknown image format {image_format!r}; choose one of {list(IMAGE_FORMATS)}")

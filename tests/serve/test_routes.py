@@ -15,6 +15,7 @@ from duomo.serve.routes import protected, public
 # (method, path) of every route duomo itself serves; FastAPI's /docs and /openapi.json are left out.
 ROUTES_BY_MODULE = {
     "openai": {("POST", "/v1/embeddings"), ("GET", "/v1/models")},
+    "chat": {("POST", "/v1/chat/completions")},
     "generate": {("POST", "/v1/images/generations")},
     "embeddings": {("POST", "/embed")},
     "classify": {("POST", "/classify")},
@@ -29,6 +30,7 @@ APP_ROUTES = {
     ("MOUNT", "/static"),
     ("POST", "/v1/embeddings"),
     ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"),
     ("POST", "/v1/images/generations"),
     ("POST", "/embed"),
     ("POST", "/classify"),
@@ -44,6 +46,7 @@ APP_ROUTES = {
 OPERATION_IDS = {
     ("post", "/v1/embeddings"): "embeddings_v1_embeddings_post",
     ("get", "/v1/models"): "list_models_v1_models_get",
+    ("post", "/v1/chat/completions"): "chat_completions_v1_chat_completions_post",
     ("post", "/v1/images/generations"): "images_generations_v1_images_generations_post",
     ("post", "/embed"): "embed_embed_post",
     ("post", "/classify"): "classify_classify_post",
@@ -96,5 +99,5 @@ def test_the_documented_operations_are_unchanged(client: TestClient) -> None:
     for method, path in OPERATION_IDS:
         content = paths[path][method].get("requestBody", {}).get("content", {})
         if method == "post":
-            multipart = path not in ("/v1/embeddings", "/v1/images/generations")
+            multipart = path not in ("/v1/embeddings", "/v1/images/generations", "/v1/chat/completions")
             assert set(content) == {"application/json"} | ({"multipart/form-data"} if multipart else set())
