@@ -33,11 +33,16 @@ def attend(
     v: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
     fast: bool = True,
+    causal: bool = False,
 ) -> torch.Tensor:
     """The one attention kernel every duomo model calls: the fused `F.scaled_dot_product_attention`, or
-    `reference_attention` with `fast=False` (tests check that both give the same numbers)."""
+    `reference_attention` with `fast=False` (tests check that both give the same numbers). `causal` (without a
+    mask, queries and keys of one length): position i attends to positions <= i, which the fused kernel does
+    without materialising a mask (several times faster than an explicit one on the CPU)."""
     if fast:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+    if causal:
+        attn_mask = causal_mask(q.shape[-2], q.device)
     return reference_attention(q, k, v, attn_mask)
 
 

@@ -138,10 +138,12 @@ class LMAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         kv: LayerKV | None,
     ) -> torch.Tensor:
+        """`mask` [B, 1, T, S] (True: may attend), or None: causal over a fresh sequence (T == S), or every
+        key when decoding one token."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -153,7 +155,7 @@ class LMAttention(nn.Module):
         if self.kv_heads != self.heads:  # each key/value head serves heads // kv_heads query heads
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        out = attend(q, k, v, mask, fast=self.fast)
+        out = attend(q, k, v, mask, fast=self.fast, causal=mask is None and t > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
@@ -243,6 +245,8 @@ class CausalLM(nn.Module):
         own = torch.arange(t, device=device)
         allowed[:, own, past + own] = True  # a padding query sees itself: no row is empty (no NaN)
         allowed = allowed[:, None]  # [B, 1, T, S]
+        if bool(keys.all()) and (t == 1 or past == 0):  # no padding: let the kernel do causality itself
+            allowed = None
         if cache is not None:
             cache.key_mask, cache.seen = keys, seen + mask.long().sum(1)
         x = embeds
