@@ -26,7 +26,7 @@ from duomo.errors import InputError
 from duomo.models.lm.model import CausalLM, LMCache
 from duomo.models.lm.vlm import VisionLanguageModel
 from duomo.tasks.lm.chat_data import encode_conversation
-from duomo.tasks.lm.decode import Completion, DecodeSettings, decode_stream
+from duomo.tasks.lm.decode import Completion, DecodeSettings, decode_stream, last_completion
 
 MAX_IMAGES = 8  # images in one conversation
 
@@ -123,12 +123,7 @@ class ChatPipeline:
         settings: DecodeSettings | None = None,
     ) -> Completion:
         """The whole reply."""
-        result = None
-        for item in self.stream(messages, images, settings):
-            if isinstance(item, Completion):
-                result = item
-        assert result is not None
-        return result
+        return last_completion(self.stream(messages, images, settings))
 
     def ask(self, image: Any | None, question: str, **settings: Any) -> str:
         """One question about one image (or none): the answer text."""

@@ -198,9 +198,15 @@ def complete(
     end_ids: tuple[int, ...] = (),
 ) -> Completion:
     """Decode to the end and return the `Completion`."""
+    return last_completion(decode_stream(model, tokenizer, prompt_ids, settings, embeds, end_ids))
+
+
+def last_completion(items: Iterator[str | Completion]) -> Completion:
+    """Run a decode stream to its end; its final item, the `Completion`."""
     result = None
-    for item in decode_stream(model, tokenizer, prompt_ids, settings, embeds, end_ids):
+    for item in items:
         if isinstance(item, Completion):
             result = item
-    assert result is not None
+    if result is None:
+        raise RuntimeError("the decode stream ended without a Completion")
     return result
