@@ -1,4 +1,5 @@
-"""`duomo index` and `duomo search`: thin wrappers over duomo.index.ImageIndex."""
+"""`duomo index` and `duomo search`: thin wrappers over duomo.index.ImageIndex (search also reads a
+sharded index built by `duomo build-index`)."""
 
 from __future__ import annotations
 
@@ -58,10 +59,17 @@ def index(
 ) -> None:
     """Index image folders (recursively): new, changed and deleted files are picked up incrementally."""
     from duomo.api import load
+    from duomo.errors import InputError
     from duomo.index import ImageIndex, default_index_dir
+    from duomo.index.sharded import is_sharded_index
     from duomo.io.resolve import choose_default_model
 
     directory = index_dir or default_index_dir()
+    if is_sharded_index(directory):
+        raise InputError(
+            f"{directory} is a sharded index; add embedding jobs to it with "
+            f"`duomo build-index EMBEDDINGS {directory}`"
+        )
     if forget:
         with ImageIndex.open(directory) as idx:
             for root in forget:
@@ -118,20 +126,21 @@ def search(
     """Search the index by text, by image, or by a weighted combination of both."""
     from duomo.api import load
     from duomo.errors import InputError
-    from duomo.index import ImageIndex, default_index_dir, parse_query
+    from duomo.index import default_index_dir, parse_query
+    from duomo.index.sharded import is_sharded_index, open_any_index
     from duomo.index.store import database_path
 
     directory = index_dir or default_index_dir()
-    if not database_path(directory).exists():
+    if not is_sharded_index(directory) and not database_path(directory).exists():
         raise InputError(f"there is no index at {directory}; build one with `duomo index FOLDER`")
     text = join_query(query)
     parse_query(text)  # a malformed query fails before the model loads
-    with ImageIndex.open(directory) as idx:
+    with open_any_index(directory) as idx:
         if len(idx) == 0:
             raise InputError(f"the index at {directory} holds no images; run `duomo index FOLDER` first")
         model = model or idx.model_name
     pipe = load(model, device=device, backend=backend)
-    with ImageIndex.open(directory, pipe) as idx:
+    with open_any_index(directory, pipe) as idx:
         hits = idx.search(text, k=k, exact=True if exact else None)
         model_name = idx.model_name
     if fmt is OutputFormat.paths:

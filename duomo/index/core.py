@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from duomo.errors import InputError
-from duomo.index.errors import IndexBusyError, ModelMismatchError, QueryError
+from duomo.index.errors import IndexBusyError, ModelMismatchError
 from duomo.index.files import default_index_dir, normalize_root, scan
 from duomo.index.indexer import BatchWriter, IndexReport
 from duomo.index.prepare import Claims, prepare_all
-from duomo.index.query import find_image_file, parse_query
+from duomo.index.query import compose_query, find_image_file
 from duomo.index.store import Store
 from duomo.index.vectors import Snapshot, faiss_available, load_snapshot
 
@@ -354,18 +354,11 @@ class ImageIndex:
         if images not in IMAGE_TERMS:
             raise InputError(f"images must be one of {IMAGE_TERMS}, got {images!r}")
         lookup = {"any": find_image_file, "indexed": self._indexed_file, "none": None}[images]
-        terms = parse_query(query, lookup)
-        texts = [t.value for t in terms if t.kind == "text"]
-        encoded = self._require_pipeline("a text query").encode_text(texts).numpy() if texts else []
-        text_vectors = iter(encoded)
-        total = sum(
-            term.weight * (next(text_vectors) if term.kind == "text" else self._image_vector(term.value))
-            for term in terms
-        )
-        norm = float(np.linalg.norm(total))
-        if norm < 1e-6:
-            raise QueryError(f"the terms of query {query!r} cancel out; change a weight or drop a term")
-        return (total / norm).astype(np.float32)
+
+        def encode_text(texts: list[str]) -> Any:
+            return self._require_pipeline("a text query").encode_text(texts).numpy()
+
+        return compose_query(query, encode_text, self._image_vector, lookup)
 
     def search(
         self, query: str, k: int = 10, exact: bool | None = None, images: str = "any"

@@ -16,6 +16,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from duomo.index.errors import QueryError
 from duomo.index.files import is_image_file
@@ -64,6 +67,26 @@ def parse_query(query: str, image_lookup: ImageLookup | None = find_image_file) 
         else:
             terms.append(QueryTerm(sign * weight, "text", text))
     return terms
+
+
+def compose_query(
+    query: str,
+    encode_text: Callable[[list[str]], Any],
+    image_vector: Callable[[str], np.ndarray],
+    image_lookup: ImageLookup | None = find_image_file,
+) -> np.ndarray:
+    """The normalised weighted sum of a query's terms: texts encoded in one call, images by `image_vector`."""
+    terms = parse_query(query, image_lookup)
+    texts = [t.value for t in terms if t.kind == "text"]
+    text_vectors = iter(np.asarray(encode_text(texts), dtype=np.float32) if texts else [])
+    total = sum(
+        term.weight * (next(text_vectors) if term.kind == "text" else image_vector(term.value))
+        for term in terms
+    )
+    norm = float(np.linalg.norm(total))
+    if norm < 1e-6:
+        raise QueryError(f"the terms of query {query!r} cancel out; change a weight or drop a term")
+    return (total / norm).astype(np.float32)
 
 
 def _split(query: str) -> list[tuple[int, str]]:

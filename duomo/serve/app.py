@@ -85,9 +85,9 @@ def index_model(index_dir: Path | None) -> str | None:
     if index_dir is None or not index_dir.is_dir() or not any(index_dir.iterdir()):
         return None  # opening would create an index: leave that to `duomo index`
     try:
-        from duomo.index import ImageIndex
+        from duomo.index.sharded import open_any_index
 
-        with ImageIndex.open(index_dir, None) as idx:
+        with open_any_index(index_dir, None) as idx:
             return idx.model_name
     except (ImportError, DuomoError, OSError) as exc:
         log.warning("cannot read the model of the index at %s: %s", index_dir, exc)

@@ -61,7 +61,8 @@ def media_type(path: Path) -> str:
 
 
 class IndexService:
-    """Owns one ImageIndex; every call runs in one dedicated thread (SQLite connections are per-thread)."""
+    """Owns one index (ImageIndex or ShardedIndex); every call runs in one dedicated thread (SQLite
+    connections are per-thread)."""
 
     def __init__(self, index_dir: Path | None, pipeline: Any) -> None:
         """Open the index at `index_dir` (None: no index); if that fails, searches fail with the reason."""
@@ -84,14 +85,14 @@ class IndexService:
             self.model_name = self._executor.submit(lambda: self.index.model_name).result()
 
     def _open(self, pipeline: Any) -> Any:
-        from duomo.index import ImageIndex
+        from duomo.index.sharded import open_any_index
 
         assert self.index_dir is not None
         if not self.index_dir.exists():
             raise NoIndexError(
                 f"no index at {self.index_dir}; build one with `duomo index DIR` or start with --index DIR"
             )
-        return ImageIndex.open(self.index_dir, pipeline)
+        return open_any_index(self.index_dir, pipeline)
 
     def roots(self) -> list[Path]:
         """Blocking: the indexed folders (read each time: another process may add one)."""
