@@ -53,6 +53,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_now_mb() -> dict[str, int]:
+    """This process's resident memory now: anonymous (heap) and file-backed (mapped files, page cache)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile"):
+            fields[name] = round(int(value.split()[0]) / 1024)
+    return fields
+
+
 def disk_mb(folder: Path) -> dict[str, float]:
     sizes: dict[str, float] = {}
     for path in folder.iterdir():
@@ -104,7 +114,7 @@ def build(n: int, folder: Path, queries: int, workers: int) -> dict:
         "train_s": round(t_train, 1), "add_and_merge_wall_s": round(t_add, 1),
         "merge_s": entry["merge_seconds"], "of_which_drawing_data_and_truth_s": round(gen_seconds, 1),
         "rss_after_imports_mb": round(baseline), "peak_rss_train_mb": round(after_train),
-        "peak_rss_build_mb": round(peak_rss_mb()), "raw_float32_mb": round(n * DIM * 4 / 1e6),
+        "peak_rss_build_mb": round(peak_rss_mb()), "rss_end_of_build_mb": rss_now_mb(), "raw_float32_mb": round(n * DIM * 4 / 1e6),
         "disk_mb": disk_mb(folder),
     }  # fmt: skip
 
@@ -138,7 +148,7 @@ def search(folder: Path, settings: list[tuple[int, int]]) -> dict:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return {
         "open_s": round(open_s, 2), "rss_after_imports_mb": round(baseline),
-        "peak_rss_search_mb": round(peak_rss_mb()), "settings": rows,
+        "peak_rss_search_mb": round(peak_rss_mb()), "rss_end_of_search_mb": rss_now_mb(), "settings": rows,
     }  # fmt: skip
 
 

@@ -440,12 +440,49 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+class _VectorFile:
+    """A float16 .npy read with pread: rows land in this process's memory only while scored (a memory map
+    would keep every row a search ever touched resident in the process)."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0
+            if version != (1, 0):
+                read_header = np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if dtype != np.float16 or fortran or len(shape) != 2:
+            raise ValueError(f"{path.name} is not a [rows, dim] float16 array")
+        self.shape: tuple[int, int] = shape
+        self.row_bytes = 2 * shape[1]
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """float32 rows at these positions."""
+        buf = bytearray(self.row_bytes * len(positions))
+        view = memoryview(buf)
+        for n, row in enumerate(positions.tolist()):
+            view[n * self.row_bytes : (n + 1) * self.row_bytes] = os.pread(
+                self.fd, self.row_bytes, self.offset + row * self.row_bytes
+            )
+        return np.frombuffer(buf, np.float16).reshape(len(positions), self.shape[1]).astype(np.float32)
+
+    def block(self, start: int, count: int) -> np.ndarray:
+        """float32 rows start .. start + count."""
+        data = os.pread(self.fd, self.row_bytes * count, self.offset + start * self.row_bytes)
+        return np.frombuffer(data, np.float16).reshape(-1, self.shape[1]).astype(np.float32)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass
 class _Segment:
     first_id: int
     rows: int
     index: Any  # faiss IVF-PQ with on-disk lists
-    vectors: np.ndarray  # float16 memmap [rows, dim]
+    vectors: _VectorFile  # float16 [rows, dim]
 
 
 class ShardedIndex:
@@ -465,7 +502,7 @@ class ShardedIndex:
                     index = faiss.read_index(
                         str(directory / f"{seg['name']}.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR
                     )
-                vectors = np.load(directory / f"{seg['name']}.f16.npy", mmap_mode="r", allow_pickle=False)
+                vectors = _VectorFile(directory / f"{seg['name']}.f16.npy")
             except (OSError, RuntimeError, ValueError) as exc:
                 raise IndexCorruptError(f"cannot read segment {seg['name']} of {directory}: {exc}") from exc
             if index.ntotal != seg["rows"] or vectors.shape != (seg["rows"], manifest["dim"]):
@@ -495,6 +532,8 @@ class ShardedIndex:
 
     def close(self) -> None:
         self.items.close()
+        for seg in self.segments:
+            seg.vectors.close()
 
     def __len__(self) -> int:
         return sum(s.rows for s in self.segments)
@@ -534,7 +573,7 @@ class ShardedIndex:
         for seg in self.segments:
             mask = (ids >= seg.first_id) & (ids < seg.first_id + seg.rows)
             if mask.any():
-                out[mask] = seg.vectors[ids[mask] - seg.first_id]
+                out[mask] = seg.vectors.rows(ids[mask] - seg.first_id)
         return out
 
     def _exact(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -542,7 +581,7 @@ class ShardedIndex:
         best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
         for seg in self.segments:
             for start in range(0, seg.rows, 262_144):
-                block = np.asarray(seg.vectors[start : start + 262_144], dtype=np.float32) @ query
+                block = seg.vectors.block(start, min(262_144, seg.rows - start)) @ query
                 ids = np.arange(seg.first_id + start, seg.first_id + start + len(block))
                 best_ids = np.concatenate([best_ids, ids])
                 best_scores = np.concatenate([best_scores, block])
