@@ -114,7 +114,8 @@ def build(n: int, folder: Path, queries: int, workers: int) -> dict:
         "train_s": round(t_train, 1), "add_and_merge_wall_s": round(t_add, 1),
         "merge_s": entry["merge_seconds"], "of_which_drawing_data_and_truth_s": round(gen_seconds, 1),
         "rss_after_imports_mb": round(baseline), "peak_rss_train_mb": round(after_train),
-        "peak_rss_build_mb": round(peak_rss_mb()), "rss_end_of_build_mb": rss_now_mb(), "raw_float32_mb": round(n * DIM * 4 / 1e6),
+        "peak_rss_build_mb": round(peak_rss_mb()), "rss_end_of_build_mb": rss_now_mb(),
+        "raw_float32_mb": round(n * DIM * 4 / 1e6),
         "disk_mb": disk_mb(folder),
     }  # fmt: skip
 
