@@ -11,6 +11,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 console = Console()
+err_console = Console(stderr=True)
 if not console.is_terminal:  # piped or captured: wide lines rather than cut-off paths
     console = Console(width=240)
 
@@ -73,6 +74,9 @@ def embed(
     backend: str = BackendOpt,
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    layout: str = typer.Option(
+        "auto", "--layout", help="Model calls over the CPU cores: auto (measured, remembered) or WxT (2x1)."
+    ),
 ) -> None:
     """Embed image files/folders or texts and write L2-normalised vectors to .npy or .parquet."""
     from duomo.api import load
@@ -84,6 +88,9 @@ def embed(
     if out.exists() and not overwrite:  # fail before the work, not after it
         raise InputError(f"{out} exists; pass --overwrite to replace it")
     check_out_file(out)
+    from duomo.api.layout import parse_layout
+
+    parse_layout(layout)  # a bad spelling fails before the model loads
     pipe = load(model, weights=weights, device=device, backend=backend)
     if text:
         keys, vectors, failures = list(inputs), pipe.encode_text(list(inputs), batch_size).numpy(), {}
@@ -92,8 +99,10 @@ def embed(
         if not files:
             raise InputError("no image files found in the given paths")
         with tqdm(total=len(files), unit="img", desc="embedding", disable=None) as bar:
-            result = embed_image_files(pipe, files, batch_size, on_batch=bar.update)
+            result = embed_image_files(pipe, files, batch_size, on_batch=bar.update, layout=layout)
         keys, vectors, failures = result.paths, result.embeddings, result.failures
+        if result.layout and len(files) > batch_size:
+            err_console.print(result.layout, highlight=False)
     for path, reason in failures.items():
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
     if not keys:  # nothing to write: say so and exit 1, leaving any earlier output alone

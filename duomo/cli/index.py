@@ -22,6 +22,12 @@ IndexOpt = typer.Option(
     help="Index folder (default: $DUOMO_INDEX, else $XDG_CACHE_HOME or ~/.cache, /duomo/index).",
 )
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available).")
+LayoutOpt = typer.Option(
+    "auto",
+    "--layout",
+    help="Model calls over the CPU cores: auto (measured on the first batches, then remembered), "
+    "or WORKERSxTHREADS like 2x1 or 1x2.",
+)
 BackendOpt = typer.Option(
     "torch", "--backend", help="torch, onnxruntime or onnxruntime-int8 (exported once, cached)."
 )
@@ -55,6 +61,7 @@ def index(
     ),
     device: str = DeviceOpt,
     backend: str = BackendOpt,
+    layout: str = LayoutOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Index image folders (recursively): new, changed and deleted files are picked up incrementally."""
@@ -87,10 +94,17 @@ def index(
         model, notice = choose_default_model()
         if notice:
             err_console.print(f"[yellow]note:[/yellow] {notice}", highlight=False, soft_wrap=True)
+    from duomo.api.layout import parse_layout
+
+    parse_layout(layout)  # a bad spelling fails before the model loads
     pipe = load(model, device=device, backend=backend)
     with ImageIndex.open(directory, pipe, reindex=reindex) as idx:
         progress = not quiet and sys.stderr.isatty()
-        report = idx.update(paths or None, progress=progress, batch_size=batch_size, workers=workers)
+        report = idx.update(
+            paths or None, progress=progress, batch_size=batch_size, workers=workers, layout=layout
+        )
+        if report.layout and report.embedded and not quiet:
+            err_console.print(report.layout, highlight=False, soft_wrap=True)
         for path, reason in report.failures[:20]:
             err_console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False, soft_wrap=True)
         if report.failed > 20:

@@ -157,13 +157,17 @@ class ImageIndex:
         progress: bool = True,
         batch_size: int = 32,
         workers: int = 2,
+        layout: str | None = "auto",
     ) -> IndexReport:
         """Bring the index up to date with the image files under `roots` (default: every recorded root).
 
         New and changed files (by size and mtime) are hashed; contents seen before reuse their vector, others
         are decoded by `workers` threads and embedded `batch_size` at a time, each batch committed at once.
         Files gone from disk are dropped. Unreadable images are recorded as failed and skipped.
+        `layout` spreads model calls over the cores: "auto" (measured), or "WxT" (see duomo.api.layout).
         """
+        from duomo.api.layout import layout_encoder
+
         pipeline = self._require_pipeline("indexing")
         start = time.perf_counter()
         folders = [normalize_root(r) for r in roots] if roots else self._recorded_roots()
@@ -182,10 +186,11 @@ class ImageIndex:
             with self._lock:
                 stored_hashes = self.store.vector_hashes() if todo else set()
             report = IndexReport(unchanged=len(on_disk) - len(todo))
+            encode = layout_encoder(pipeline, layout, batch_size)
             writer = BatchWriter(
                 self.store,
                 self._lock,
-                pipeline.encode_pixels,
+                encode,
                 batch_size,
                 stored_hashes,
                 set(recorded),
@@ -204,6 +209,9 @@ class ImageIndex:
                     writer.add(item)
                     bar.update(1)
                 writer.finish()
+            report.layout = encode.describe() if hasattr(encode, "describe") else ""
+            if hasattr(encode, "close"):
+                encode.close()
             with self._lock, self.store.write():
                 self.store.remove_files(gone)
                 if self.store.drop_orphan_vectors() or gone:  # a no-op run keeps the search caches valid

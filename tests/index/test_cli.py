@@ -139,3 +139,17 @@ def test_env_var_names_the_index(
 )
 def test_join_query(words: list[str], query: str) -> None:
     assert join_query(words) == query
+
+
+def test_index_layout_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    photos = tmp_path / "photos"
+    make_folder(photos, 6)
+    index_dir = tmp_path / "index"
+    base = ["index", str(photos), "--index", str(index_dir), "--model", "ViT-micro", "-b", "2"]
+    assert run_status([*base, "--layout", "2"]) == 1  # refused before any work
+    err = capsys.readouterr().err
+    assert "--layout must be auto or WORKERSxTHREADS" in err and len(err.strip().splitlines()) == 1
+    assert not index_dir.exists()
+    assert main([*base, "--layout", "2x1"]) == 0
+    out, err = capsys.readouterr()
+    assert "6 added" in out and "layout 2x1 (workers x threads, given)" in err

@@ -25,6 +25,7 @@ class EmbeddingResult:
     paths: list[str]
     embeddings: np.ndarray
     failures: dict[str, str] = field(default_factory=dict)
+    layout: str = ""  # how model calls were spread over the cores
 
 
 def embed_image_files(
@@ -33,8 +34,13 @@ def embed_image_files(
     batch_size: int = 32,
     workers: int = 2,
     on_batch: Callable[[int], None] | None = None,
+    layout: str | None = "auto",
 ) -> EmbeddingResult:
-    """Embed image files in batches, decoding in threads ahead of the model; bad files are skipped."""
+    """Embed image files in batches, decoding in threads ahead of the model; bad files are skipped.
+    `layout` spreads model calls over the cores: "auto" (measured), or "WxT" (see duomo.api.layout)."""
+    from duomo.api.layout import layout_encoder
+
+    encode = layout_encoder(pipeline, layout, batch_size)
 
     def prepare(path: Path) -> torch.Tensor | str:
         try:
@@ -51,7 +57,7 @@ def embed_image_files(
 
         def flush() -> None:
             if batch:
-                chunks.append(pipeline.encode_pixels(torch.stack(batch)).numpy())
+                chunks.append(encode(torch.stack(batch)).numpy())
                 ok.extend(batch_paths)
                 if on_batch:
                     on_batch(len(batch))
@@ -69,9 +75,11 @@ def embed_image_files(
             if len(batch) == batch_size:
                 flush()
         flush()
+    if hasattr(encode, "close"):
+        encode.close()
     dim = pipeline.embed_dim
     matrix = np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
-    return EmbeddingResult(ok, matrix.astype(np.float32), failures)
+    return EmbeddingResult(ok, matrix.astype(np.float32), failures, getattr(encode, "describe", str)())
 
 
 def write_embeddings(
