@@ -27,25 +27,49 @@ from duomo.tasks.clip.zero_shot import build_classifier
 from duomo.tasks.diffusion.generate import GenerateOptions, generate_tensors
 from duomo.tasks.diffusion.quality import clip_score, dominant_colour, frechet_distance
 
+FRAMING = {"value": "scene"}  # set by main: "object" close-ups are reframed before judging
+
 
 def judge(
     clip: duomo.Pipeline, images: torch.Tensor, classifier: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted pair index per image, image embeddings) for images [N, 3, H, W] in [0, 1]."""
     size = clip.config.vision.image_size
-    x = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    if FRAMING["value"] == "object":
+        x = reframe(images, size)
+    else:
+        x = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     mean = torch.tensor(clip.config.vision.mean).view(1, 3, 1, 1)
     std = torch.tensor(clip.config.vision.std).view(1, 3, 1, 1)
     embeds = clip.encode_pixels((x - mean) / std)
     return (embeds @ classifier.T).argmax(1), embeds
 
 
-def real_images(pairs: list[tuple[str, str]], n: int, size: int) -> dict[tuple[str, str], torch.Tensor]:
+def reframe(images: torch.Tensor, size: int, scale: float = 0.45) -> torch.Tensor:
+    """Close-ups [N, 3, H, W] shrunk to `scale` of a size x size canvas of their own border colour: the judge
+    (a CLIP trained on whole scenes, where a large object spans about a third of the frame) sees each object
+    at the scale it knows. On real close-ups this takes the judge's shape accuracy from 0.20 to 0.91 (seen
+    pairs) and 0.29 to 0.79 (held-out pairs)."""
+    n, c = images.shape[:2]
+    edges = [images[:, :, 0, :], images[:, :, -1, :], images[:, :, :, 0], images[:, :, :, -1]]
+    border = torch.cat(edges, dim=2).mean(2)
+    canvas = border[:, :, None, None].expand(n, c, size, size).clone()
+    inner = round(size * scale)
+    at = (size - inner) // 2
+    canvas[:, :, at : at + inner, at : at + inner] = torch.nn.functional.interpolate(
+        images, size=(inner, inner), mode="bilinear", align_corners=False, antialias=True
+    )
+    return canvas
+
+
+def real_images(
+    pairs: list[tuple[str, str]], n: int, size: int, framing: str = "scene"
+) -> dict[tuple[str, str], torch.Tensor]:
     """n rendered single-object images per pair (from the split holding it), [n, 3, size, size] in [0, 1]."""
     held = heldout_pairs()
     out: dict[tuple[str, str], list[torch.Tensor]] = {p: [] for p in pairs}
     for split in ("val", "heldout"):
-        data = ShapesDataset(split, size=40 * 64 * n, image_size=size, seed=7)
+        data = ShapesDataset(split, size=40 * 64 * n, image_size=size, seed=7, framing=framing)
         for i in range(len(data)):
             scene = data.scene(i)
             pair = (scene.main.colour, scene.main.shape)
@@ -101,6 +125,12 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/generate_quality.json")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sweeps and CLIP guidance")
     parser.add_argument(
+        "--framing",
+        default=None,
+        help="real images as the generator was trained: scene or object "
+        "(default: what the generator records, else scene)",
+    )
+    parser.add_argument(
         "--no-settings-sweep", action="store_true", help="skip the guidance/sampler/steps sweep only"
     )
     args = parser.parse_args()
@@ -121,8 +151,10 @@ def main() -> None:
         seconds = time.perf_counter() - start
         return {p: images[i * n : (i + 1) * n] for i, p in enumerate(pair_list)}, seconds
 
-    real = real_images(pairs, args.n, gen.image_size)
-    result = {"model": args.model, "judge": args.judge, "n_per_pair": args.n}
+    framing = args.framing or ("object" if gen.meta.get("data") == "shapes-objects" else "scene")
+    FRAMING["value"] = framing
+    real = real_images(pairs, args.n, gen.image_size, framing)
+    result = {"model": args.model, "judge": args.judge, "n_per_pair": args.n, "framing": framing}
     result["real"] = score(real, clip, classifier, names)
     print("judge on real images:", json.dumps(result["real"]))
     images, seconds = generate(pairs, args.n)

@@ -11,6 +11,7 @@ Geometry is in units of the image side (0..1), so a scene renders identically at
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ HELDOUT_FRACTION = 0.2
 # Radii (fraction of the image side) and placement jitter, chosen so objects in different slots never overlap:
 # a large object in the center next to a small one on a side leaves a gap of 0.3 - 0.17 - 0.11 = 0.02.
 _RADIUS = {"small": (0.09, 0.11), "large": (0.155, 0.17)}
+_OBJECT_RADIUS = (0.3, 0.4)  # framing="object": the main object fills most of the frame
+OBJECT_CAPTION_STYLES: tuple[str, ...] = ("short", "terse", "photo")  # no position or size in a close-up
+FRAMINGS: tuple[str, ...] = ("scene", "object")
 _JITTER = 0.02
 _GAP = 0.015
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
@@ -165,6 +169,15 @@ def _phrase(obj: ShapeObject, size: bool = False, position: bool = False) -> str
     words = ([obj.size] if size else []) + [obj.colour, obj.shape]
     text = f"{_article(words[0])} {' '.join(words)}"
     return f"{text} {POSITION_PHRASES[obj.position]}" if position else text
+
+
+def close_up(scene: Scene, rng: random.Random) -> Scene:
+    """The scene's main object alone, centred (small jitter) and large enough to fill most of the frame."""
+    main = scene.main
+    x, y = (0.5 + rng.uniform(-_JITTER, _JITTER) for _ in range(2))
+    radius = rng.uniform(*_OBJECT_RADIUS)
+    main = dataclasses.replace(main, x=x, y=y, radius=radius, size="large", position="center")
+    return dataclasses.replace(scene, objects=(main,))
 
 
 def make_caption(scene: Scene, style: str, rng: random.Random) -> str:
@@ -400,8 +413,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         supersample: int = 2,
         label_space: str = "split",
         language: str = "en",
+        framing: str = "scene",
     ) -> None:
         """Configure the world; nothing is rendered until an index is read.
+
+        `framing`: "scene" (objects at their slots and sizes) or "object" (a close-up: the main object alone,
+        centred, filling 60-80% of the frame, captions naming only its colour and shape), which is what a
+        small text-to-image model needs to draw recognisable shapes at 32 px.
 
         `label_space`: "split" labels index the split's own classes (`class_names(split)`); "all" labels index
         every colour-shape combination, so held-out images compete with the seen classes too (the test where
@@ -413,6 +431,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.language = language
         if label_space not in ("split", "all"):
             raise InputError(f"label_space must be 'split' or 'all', got {label_space!r}")
+        if framing not in FRAMINGS:
+            raise InputError(f"unknown framing {framing!r}; choose one of {list(FRAMINGS)}")
+        self.framing = framing
         if not 1 <= max_objects <= len(POSITIONS):
             raise InputError(f"max_objects must be between 1 and {len(POSITIONS)}, got {max_objects}")
         if caption_style != "mixed" and caption_style not in CAPTION_STYLES:
@@ -453,7 +474,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         index %= self.size
         rng = self._rng(index)
         scene = make_scene(rng, self._main_pairs, self._other_pairs, self.max_objects)
-        style = rng.choice(CAPTION_STYLES) if self.caption_style == "mixed" else self.caption_style
+        styles = CAPTION_STYLES
+        if self.framing == "object":
+            scene, styles = close_up(scene, rng), OBJECT_CAPTION_STYLES
+        style = rng.choice(styles) if self.caption_style == "mixed" else self.caption_style
         scene.metadata["caption"] = make_caption(scene, style, rng)
         scene.metadata["qa"] = make_qa(scene, rng, self._other_pairs)
         scene.metadata["index"] = index

@@ -61,11 +61,13 @@ def build_model(cfg: TrainConfig) -> CLIP:
 
 
 def build_dataset(spec: str, image_size: int, size: int = 2048, language: str = "en") -> Dataset:
-    """Training pairs: "shapes", "digits", or a path (caption folder, ImageFolder, manifest, WDS shards)."""
-    if spec == "shapes":
+    """Training pairs: "shapes", "shapes-objects" (close-ups of one object), "digits", or a path (caption
+    folder, ImageFolder, manifest, WDS shards)."""
+    if spec in ("shapes", "shapes-objects"):
         from duomo.data.shapes import ShapesDataset
 
-        return ShapesDataset("train", size=size, image_size=image_size, language=language)
+        framing = "object" if spec == "shapes-objects" else "scene"
+        return ShapesDataset("train", size=size, image_size=image_size, language=language, framing=framing)
     if spec == "digits":
         from duomo.data.digits import DigitsDataset
 
@@ -84,7 +86,8 @@ def build_dataset(spec: str, image_size: int, size: int = 2048, language: str = 
     if path.suffix in (".tar", ".tgz", ".gz") or any(ch in spec for ch in "*?[{"):
         return pairs.WebDatasetPairs(spec)
     raise InputError(
-        f"--data {spec!r} is neither 'shapes', 'digits' nor an existing manifest (.csv/.tsv/.jsonl), folder, "
+        f"--data {spec!r} is neither 'shapes', 'shapes-objects', 'digits' nor an existing manifest "
+        "(.csv/.tsv/.jsonl), folder, "
         "or WebDataset shard pattern"
     )
 

@@ -237,3 +237,28 @@ def test_demo_samples_have_distinct_seen_labels() -> None:
     names = [s["label_name"] for s in samples]
     assert len(set(names)) == 6 and set(names) <= set(class_names("val"))
     assert all(s["image"].size == (32, 32) and s["text"].endswith(s["label_name"]) for s in samples)
+
+
+def test_object_framing_draws_one_large_centred_object_named_by_colour_and_shape() -> None:
+    ds = ShapesDataset("train", size=40, image_size=32, max_objects=3, framing="object")
+    scene_ds = ShapesDataset("train", size=40, image_size=32, max_objects=3)
+    for i in range(40):
+        scene, original = ds.scene(i), scene_ds.scene(i)
+        assert len(scene.objects) == 1 and scene.main.shape == original.main.shape
+        assert scene.main.colour == original.main.colour  # the same world, only framed closer
+        assert abs(scene.main.x - 0.5) <= 0.02 and abs(scene.main.y - 0.5) <= 0.02
+        assert 0.3 <= scene.main.radius <= 0.4
+        caption = scene.metadata["caption"]
+        assert scene.main.colour in caption and scene.main.shape in caption
+        assert not any(word in caption for word in ("left", "right", "top", "bottom", "small", "shapes:"))
+    held = ShapesDataset("heldout", size=20, framing="object")
+    assert all((held.scene(i).main.colour, held.scene(i).main.shape) in heldout_pairs() for i in range(20))
+    with pytest.raises(InputError, match="unknown framing 'zoom'"):
+        ShapesDataset(framing="zoom")
+
+
+def test_shapes_objects_is_a_training_data_name() -> None:
+    from duomo.train.run import build_dataset
+
+    data = build_dataset("shapes-objects", 32, 10)
+    assert data.framing == "object" and data[0]["image"].size == (32, 32)

@@ -1,5 +1,5 @@
 """torchrun worker for test_beit3_engine.py: VQA gradients of half a batch per rank under DDP, then a short
-`fit_task` run on two ranks."""
+`fit_task` run on two ranks with DDP, and the same run with FSDP2 (`fsdp=True`)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def main(out: Path) -> None:
     model = VQAModel(BEiT3(cfg), data.extra["answers"])
     train = beit3_train_config(
         out=str(out / "ddp"), steps=3, batch_size=2, save_every=3, quiet=True, plot=False
+    )
+    fit_task(model, VQAObjective("ce"), data, train, "vqa", info=info)
+    torch.manual_seed(0)  # the same run with FSDP2: each Multiway block sharded, then the root
+    model = VQAModel(BEiT3(cfg), data.extra["answers"])
+    train = beit3_train_config(
+        out=str(out / "fsdp"), steps=3, batch_size=2, save_every=3, quiet=True, plot=False, fsdp=True
     )
     fit_task(model, VQAObjective("ce"), data, train, "vqa", info=info)
     cleanup()

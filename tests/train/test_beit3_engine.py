@@ -96,3 +96,13 @@ def test_two_gloo_processes_equal_one_on_the_vqa_objective(tmp_path) -> None:
     # the engine under torchrun: both ranks trained in lockstep and rank 0 wrote the task folder
     trained, _ = load_task(tmp_path / "ddp", "vqa")
     assert (tmp_path / "ddp" / "checkpoints").is_dir() and trained.answers == model.answers
+    # FSDP2 on a BEiT-3 objective: two ranks of 2 give the weights of one process on batches of 4
+    model, data = _vqa()
+    single = beit3_train_config(
+        out=str(tmp_path / "single"), steps=3, batch_size=4, save_every=3, quiet=True, plot=False
+    )
+    fit_task(model, VQAObjective("ce"), data, single, "vqa")
+    want, _ = load_task(tmp_path / "single", "vqa")
+    sharded, _ = load_task(tmp_path / "fsdp", "vqa")
+    for (name, x), (_, y) in zip(want.state_dict().items(), sharded.state_dict().items(), strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=name)
