@@ -44,3 +44,17 @@ def test_dominant_colour_reads_rendered_shapes() -> None:
     assert dominant_colour(grey, COLOURS) is None
     with pytest.raises(InputError):
         dominant_colour(grey[0], COLOURS)
+
+
+def test_reframe_close_ups_shrinks_onto_the_border_colour() -> None:
+    from duomo.tasks.diffusion.quality import reframe_close_ups
+
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, 0] = 0.2  # a dark red background ...
+    image[:, 1, 8:24, 8:24] = 1.0  # ... with a green square in the middle
+    out = reframe_close_ups(image, 64, scale=0.5)
+    assert out.shape == (1, 3, 64, 64)
+    torch.testing.assert_close(out[0, :, 2, 2], torch.tensor([0.2, 0.0, 0.0]), atol=1e-6, rtol=0)
+    assert out[0, 1, 32, 32] > 0.95 and out[0, 1, 20, 20] < 0.2  # the square now spans 16 px of 64
+    with pytest.raises(InputError, match=r"expected images \[N, 3, H, W\]"):
+        reframe_close_ups(torch.zeros(3, 32, 32), 64)
