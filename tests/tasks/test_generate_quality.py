@@ -58,3 +58,19 @@ def test_reframe_close_ups_shrinks_onto_the_border_colour() -> None:
     assert out[0, 1, 32, 32] > 0.95 and out[0, 1, 20, 20] < 0.2  # the square now spans 16 px of 64
     with pytest.raises(InputError, match=r"expected images \[N, 3, H, W\]"):
         reframe_close_ups(torch.zeros(3, 32, 32), 64)
+
+
+def test_object_solidity_tells_stars_from_circles() -> None:
+    from duomo.tasks.diffusion.quality import object_solidity
+
+    data = ShapesDataset("train", size=120, image_size=32, framing="object")
+    seen = {}
+    for i in range(len(data)):
+        scene = data.scene(i)
+        if scene.main.shape in ("star", "circle") and scene.main.shape not in seen:
+            image = torch.from_numpy(np.array(data[i]["image"])).permute(2, 0, 1).float() / 255
+            seen[scene.main.shape] = object_solidity(image, COLOURS[scene.main.colour])
+    assert seen["star"] < 0.7 < 0.9 < seen["circle"]
+    assert object_solidity(torch.zeros(3, 8, 8), COLOURS["red"]) == 0.0  # nothing of that colour
+    with pytest.raises(InputError, match="expected an image tensor"):
+        object_solidity(torch.zeros(8, 8), COLOURS["red"])
