@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import duomo  # noqa: E402
-from duomo.api.layout import LayoutEncoder, parse_layout  # noqa: E402
 from duomo.tasks.clip.embed import embed_image_files  # noqa: E402
+from duomo.tasks.layout import LayoutEncoder, parse_layout  # noqa: E402
 
 
 def write_jpegs(folder: Path, count: int) -> list[Path]:

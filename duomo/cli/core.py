@@ -88,7 +88,7 @@ def embed(
     if out.exists() and not overwrite:  # fail before the work, not after it
         raise InputError(f"{out} exists; pass --overwrite to replace it")
     check_out_file(out)
-    from duomo.api.layout import parse_layout
+    from duomo.tasks.layout import parse_layout
 
     parse_layout(layout)  # a bad spelling fails before the model loads
     pipe = load(model, weights=weights, device=device, backend=backend)

@@ -94,7 +94,7 @@ def index(
         model, notice = choose_default_model()
         if notice:
             err_console.print(f"[yellow]note:[/yellow] {notice}", highlight=False, soft_wrap=True)
-    from duomo.api.layout import parse_layout
+    from duomo.tasks.layout import parse_layout
 
     parse_layout(layout)  # a bad spelling fails before the model loads
     pipe = load(model, device=device, backend=backend)

@@ -108,19 +108,16 @@ def _read(item: dict[str, str]) -> Any:
 
 
 def embed_partition(
-    pipeline: Any, items: list[dict[str, str]], batch_size: int, encode: Callable | None = None
+    pipeline: Any, items: list[dict[str, str]], batch_size: int
 ) -> tuple[list[str], np.ndarray, dict[str, str]]:
-    """(keys, vectors [n, dim], failures {key: reason}) of one partition's images (model calls through
-    `encode`, default the pipeline's own)."""
+    """(keys, vectors [n, dim], failures {key: reason}) of one partition's images."""
     import torch
-
-    encode = encode or pipeline.encode_pixels
 
     keys, chunks, failures, batch, batch_keys = [], [], {}, [], []
 
     def flush() -> None:
         if batch:
-            chunks.append(encode(torch.stack(batch)).numpy())
+            chunks.append(pipeline.encode_pixels(torch.stack(batch)).numpy())
             keys.extend(batch_keys)
             batch.clear()
             batch_keys.clear()
@@ -171,23 +168,15 @@ class PartitionEmbedder:
         import torch
 
         from duomo.api import load
-        from duomo.api.layout import layout_encoder
 
         torch.set_num_threads(max(1, threads))
         self.pipeline = load(model, backend=backend)
         self.model, self.out, self.batch_size = model, Path(out), batch_size
-        # in this process with several cores: the measured layout; a 1-core Ray actor runs as it is
-        multi = threads > 1
-        self.encode = (
-            layout_encoder(self.pipeline, "auto", batch_size) if multi else self.pipeline.encode_pixels
-        )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         done = {"index": [], "count": [], "failed": []}
         for index, items in zip(batch["index"], batch["items"], strict=True):
-            keys, vectors, failures = embed_partition(
-                self.pipeline, json.loads(items), self.batch_size, self.encode
-            )
+            keys, vectors, failures = embed_partition(self.pipeline, json.loads(items), self.batch_size)
             write_partition(self.out, int(index), keys, vectors, failures, self.model)
             done["index"].append(int(index))
             done["count"].append(len(keys))

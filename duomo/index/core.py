@@ -164,9 +164,9 @@ class ImageIndex:
         New and changed files (by size and mtime) are hashed; contents seen before reuse their vector, others
         are decoded by `workers` threads and embedded `batch_size` at a time, each batch committed at once.
         Files gone from disk are dropped. Unreadable images are recorded as failed and skipped.
-        `layout` spreads model calls over the cores: "auto" (measured), or "WxT" (see duomo.api.layout).
+        `layout` spreads model calls over the cores: "auto" (measured), or "WxT" (see duomo.tasks.layout).
         """
-        from duomo.api.layout import layout_encoder
+        from duomo.tasks.layout import layout_encoder
 
         pipeline = self._require_pipeline("indexing")
         start = time.perf_counter()

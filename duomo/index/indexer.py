@@ -34,7 +34,7 @@ class IndexReport:
     unchanged: int = 0  # files skipped because size and mtime are as indexed
     total: int = 0  # searchable files in the index afterwards
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) for this run's failures
-    layout: str = ""  # how model calls were spread over the cores (duomo.api.layout), when any were made
+    layout: str = ""  # how model calls were spread over the cores (duomo.tasks.layout), when any were made
 
 
 class BatchWriter:

@@ -47,3 +47,16 @@ def make_folder(root: Path, n: int, seed: int = 0) -> list[Path]:
         )
         for i in range(n)
     ]
+
+
+def coloured_squares(root: Path, n: int = 23) -> Path:
+    """n PNG squares of random colours in root/a and root/b, plus one corrupt root/a/broken.png."""
+    from tests.serve.helpers import png_bytes
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"{i:03d}.png").write_bytes(png_bytes(tuple(int(x) for x in rng.integers(0, 255, 3)), 48 + i))
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    return root

@@ -15,26 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from index_helpers import coloured_squares
 
 import duomo
 from duomo.errors import InputError
 from duomo.index.collection import part_name, read_collection, run_collection_job
 from duomo.tasks.clip.embed import embed_image_files
-from tests.serve.helpers import png_bytes
 
 MODEL = "shapes-tiny"
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("collection") / "images"
-    rng = np.random.default_rng(0)
-    for i in range(23):
-        sub = root / ("a" if i % 2 else "b")
-        sub.mkdir(parents=True, exist_ok=True)
-        (sub / f"{i:03d}.png").write_bytes(png_bytes(tuple(int(x) for x in rng.integers(0, 255, 3)), 48 + i))
-    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-    return root
+    return coloured_squares(tmp_path_factory.mktemp("collection") / "images")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from index_helpers import coloured_squares
 
 import duomo
 from duomo.cli import main
@@ -26,7 +27,6 @@ from duomo.index.sharded import (
     choose_params,
     iter_chunks,
 )
-from tests.serve.helpers import png_bytes
 
 MODEL = "shapes-tiny"
 
@@ -141,13 +141,7 @@ def embeddings(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pa
     """(images, embeddings of the first 15 files (14 good), embeddings of all 23 good images): coloured
     squares embedded with shapes-tiny."""
     base = tmp_path_factory.mktemp("sharded")
-    images = base / "images"
-    rng = np.random.default_rng(0)
-    for i in range(23):
-        sub = images / ("a" if i % 2 else "b")
-        sub.mkdir(parents=True, exist_ok=True)
-        (sub / f"{i:03d}.png").write_bytes(png_bytes(tuple(int(v) for v in rng.integers(0, 255, 3)), 48 + i))
-    (images / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    images = coloured_squares(base / "images")
     first = base / "first"
     shutil.copytree(images, first / "images")
     for extra in sorted((first / "images").rglob("*.png"))[15:]:

@@ -37,8 +37,8 @@ def embed_image_files(
     layout: str | None = "auto",
 ) -> EmbeddingResult:
     """Embed image files in batches, decoding in threads ahead of the model; bad files are skipped.
-    `layout` spreads model calls over the cores: "auto" (measured), or "WxT" (see duomo.api.layout)."""
-    from duomo.api.layout import layout_encoder
+    `layout` spreads model calls over the cores: "auto" (measured), or "WxT" (see duomo.tasks.layout)."""
+    from duomo.tasks.layout import layout_encoder
 
     encode = layout_encoder(pipeline, layout, batch_size)
 

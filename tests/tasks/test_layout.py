@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import duomo
-from duomo.api.layout import Layout, LayoutEncoder, candidate_layouts, layout_encoder, parse_layout
 from duomo.errors import InputError
+from duomo.tasks.layout import Layout, LayoutEncoder, candidate_layouts, layout_encoder, parse_layout
 
 
 def test_parse_layout() -> None:

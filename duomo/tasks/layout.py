@@ -9,7 +9,8 @@ choice is remembered (per model, batch size, core count and torch version) so th
 
 Workers are threads of this process, each running the model on a slice of the batch with T intra-op
 threads: the model is held once (two processes would hold it twice), and torch releases the GIL in its ops.
-Only torch models on the CPU have a layout; other backends and devices run as they are.
+Only torch models on the CPU have a layout; other backends and devices run as they are. The cores counted are
+torch's thread count (`torch.set_num_threads`, `OMP_NUM_THREADS`): a process given one thread runs 1x1.
 """
 
 from __future__ import annotations
@@ -87,13 +88,15 @@ class LayoutEncoder:
         remember: bool = True,
     ) -> None:
         self.encode = encode
-        self.cores = cores or os.cpu_count() or 1
+        self.cores = cores or torch.get_num_threads()  # the cores this process was given to use
         self.key = f"{key}|cores={self.cores}|torch={torch.__version__}" if key else None
         self.remember = remember and self.key is not None
         self.candidates = candidate_layouts(self.cores)
         self.timings: dict[str, list[float]] = {str(c): [] for c in self.candidates}
         self.layout = layout or self._remembered()
         self.how = "given" if layout else ("remembered" if self.layout else "measuring")
+        if self.layout is None and len(self.candidates) == 1:  # one core: nothing to choose between
+            self.layout, self.how = self.candidates[0], "one core"
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
