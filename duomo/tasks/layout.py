@@ -124,9 +124,10 @@ class LayoutEncoder:
             self._store(best)
 
     def describe(self) -> str:
-        """One line for the user: the layout and how it was chosen (with the measured gain)."""
+        """One line for the user: the layout and how it was chosen (with the measured gain); "" while the job
+        was too short to choose one."""
         if self.layout is None:
-            return f"layout: not chosen yet ({sum(map(len, self.timings.values()))} batches measured)"
+            return ""
         text = f"layout {self.layout} (workers x threads, {self.how}"
         medians = {n: statistics.median(t) for n, t in self.timings.items() if t}
         if self.how == "measured" and len(medians) > 1:
