@@ -242,11 +242,17 @@ def run_collection_job(
     if todo and use_ray:
         _run_on_ray(partitions, todo, out, model, backend, batch_size, address, actors, num_gpus, progress)
     elif todo:
-        worker = PartitionEmbedder(model, backend, str(out), batch_size, threads=os.cpu_count() or 1)
-        for n, i in enumerate(todo, 1):
-            worker({"index": [i], "items": [json.dumps(partitions[i])]})
-            if progress:
-                progress(n, len(todo))
+        import torch
+
+        threads = torch.get_num_threads()  # the worker takes every core; the caller gets its setting back
+        try:
+            worker = PartitionEmbedder(model, backend, str(out), batch_size, threads=os.cpu_count() or 1)
+            for n, i in enumerate(todo, 1):
+                worker({"index": [i], "items": [json.dumps(partitions[i])]})
+                if progress:
+                    progress(n, len(todo))
+        finally:
+            torch.set_num_threads(threads)
     manifest = write_manifest(out, len(partitions), model)
     return {**manifest, "computed": todo, "seconds": time.perf_counter() - started}
 

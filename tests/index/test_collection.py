@@ -116,3 +116,15 @@ def test_ray_job_killed_midway_finishes_with_only_the_missing_partitions(
     assert manifest["vectors"] == 23 and list(manifest["failed"]) == ["a/broken.png"]
     assert manifest["model"] == MODEL and manifest["dim"] == vectors.shape[1]
     assert not list(out.glob(".*.tmp"))  # a partition cut off mid-write never shows up as a result
+
+
+def test_the_in_process_job_gives_the_callers_thread_setting_back(images: Path, tmp_path: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_collection_job(images, tmp_path / "emb", MODEL, partition_size=50, use_ray=False)
+        assert torch.get_num_threads() == 1  # the worker used every core, then restored the caller's 1
+    finally:
+        torch.set_num_threads(before)
