@@ -362,15 +362,22 @@ def _read_part(file: str, dim: int) -> Chunk:
 
 
 def _training_sample(parts: list[dict[str, Any]], dim: int, size: int, seed: int = 0) -> np.ndarray:
-    """About `size` vectors drawn evenly from all parts (one part in memory at a time)."""
-    total = sum(p["rows"] for p in parts)
+    """About `size` vectors drawn evenly from a random subset of the parts big enough to hold twice that
+    many (one part in memory at a time): a 10M collection trains without reading every partition."""
     rng = np.random.default_rng(seed)
+    parts = [p for p in parts if p["rows"]]
+    order = rng.permutation(len(parts))
+    chosen, rows = [], 0
+    for i in order:  # whole parts until they hold 2 x size rows
+        chosen.append(parts[i])
+        rows += parts[i]["rows"]
+        if rows >= 2 * size:
+            break
     picked = []
-    for part in parts:
-        take = min(part["rows"], max(1, round(size * part["rows"] / total))) if part["rows"] else 0
-        if take:
-            _, vectors = _read_part(part["file"], dim)
-            picked.append(vectors[np.sort(rng.choice(len(vectors), take, replace=False))])
+    for part in sorted(chosen, key=lambda p: p["file"]):
+        take = min(part["rows"], max(1, round(size * part["rows"] / rows)))
+        _, vectors = _read_part(part["file"], dim)
+        picked.append(vectors[np.sort(rng.choice(len(vectors), take, replace=False))])
     return np.concatenate(picked)
 
 

@@ -226,3 +226,19 @@ def test_serve_searches_a_sharded_index(embeddings: tuple[Path, Path, Path], tmp
         image = client.get(body["results"][0]["url"])
         assert image.status_code == 200 and image.content == Path(body["results"][0]["path"]).read_bytes()
         assert client.get("/healthz").json()["index"]["ready"] is True
+
+
+def test_training_reads_only_enough_partitions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from duomo.index import sharded
+
+    parts = [{"file": f"part-{i:05d}", "rows": 100, "size": 1} for i in range(50)]
+    read: list[str] = []
+
+    def fake_read(file: str, dim: int) -> tuple[list[str], np.ndarray]:
+        read.append(file)
+        return [f"{file}/{j}" for j in range(100)], np.full((100, dim), len(read), np.float32)
+
+    monkeypatch.setattr(sharded, "_read_part", fake_read)
+    sample = sharded._training_sample(parts, 8, 300)
+    assert len(read) == 6 and len(set(read)) == 6  # 2 x 300 rows = 6 parts of 100, not all 50
+    assert 290 <= len(sample) <= 310 and sample.shape[1] == 8
