@@ -84,6 +84,13 @@ def build_index_command(
     expected: int = typer.Option(
         None, "--expected", min=1, help="Vectors the index will hold in the end (sizes the lists)."
     ),
+    nprobe: int = typer.Option(None, "--nprobe", min=1, help="Lists probed per segment (default 32)."),
+    rerank: int = typer.Option(
+        None,
+        "--rerank",
+        min=1,
+        help="Candidates scored exactly per query (default 200; more: higher recall).",
+    ),
 ) -> None:
     """Build (or add to) a sharded on-disk IVF-PQ index from embedding partitions; search it with
     `duomo search QUERY --index OUT` or `duomo serve --index OUT`."""
@@ -93,20 +100,25 @@ def build_index_command(
 
     with bar:
         result = build_from_collection(
-            embeddings, out, workers=workers, train_size=train_size, expected=expected, progress=bar.update
-        )
+            embeddings, out, workers=workers, train_size=train_size, expected=expected,
+            progress=bar.update, nprobe=nprobe, rerank=rerank,
+        )  # fmt: skip
     manifest = result["manifest"]
     total = sum(s["rows"] for s in manifest["segments"])
+    params = manifest["params"]
+    searched = f"searched with {params['nprobe']} probes and {params['rerank']} re-ranked candidates"
     if result["segment"] is None:
         console.print(
-            f"nothing to add: {out} already holds every partition of {embeddings} ({total} vectors)"
+            f"nothing to add: {out} already holds every partition of {embeddings} ({total} vectors); "
+            f"{searched}",
+            highlight=False,
         )
         return
     seg = result["segment"]
     console.print(
         f"added {result['added']} vectors as {seg['name']} ({seg['add_seconds']:.1f} s quantising, "
         f"{seg['merge_seconds']:.1f} s merging); {out} holds {total} vectors in "
-        f"{len(manifest['segments'])} segment(s) of {manifest['model']}",
+        f"{len(manifest['segments'])} segment(s) of {manifest['model']}; {searched}",
         highlight=False,
     )
 

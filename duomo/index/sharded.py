@@ -211,6 +211,21 @@ class ShardedIndexBuilder:
         }  # fmt: skip
         _write_json_atomic(self.directory / MANIFEST, self.manifest)
 
+    def set_search(self, nprobe: int | None = None, rerank: int | None = None) -> None:
+        """Change how searches run (lists probed per segment, candidates re-ranked exactly); the quantisers
+        stay as trained. Recorded in the manifest, so `duomo search` and `duomo serve` use it."""
+        if self.manifest is None:
+            raise InputError(f"{self.directory} holds no trained index yet")
+        for name, value in (("nprobe", nprobe), ("rerank", rerank)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        params = self.manifest["params"]
+        if nprobe is not None:
+            params["nprobe"] = min(nprobe, params["nlist"])
+        if rerank is not None:
+            params["rerank"] = rerank
+        _write_json_atomic(self.directory / MANIFEST, self.manifest)
+
     def add_segment(
         self,
         chunks: Iterable[Chunk],
@@ -388,9 +403,12 @@ def build_from_collection(
     train_size: int | None = None,
     expected: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    nprobe: int | None = None,
+    rerank: int | None = None,
 ) -> dict[str, Any]:
     """Index the partitions of an embedding job into OUT: trains OUT on first use, then adds the partitions
-    OUT does not hold yet as one new segment. Returns {"added": rows, "segment": entry or None, ...}."""
+    OUT does not hold yet as one new segment; `nprobe`/`rerank` change how OUT is searched.
+    Returns {"added": rows, "segment": entry or None, "manifest": ...}."""
     coll, parts = collection_parts(embeddings)
     model, dim = coll.get("model"), int(coll.get("dim") or 0)
     if not dim:
@@ -411,6 +429,8 @@ def build_from_collection(
             total, max(20_000, 64 * choose_params(expected or total, dim, total).nlist)
         )
         builder.train(_training_sample(parts, dim, train_size), model, expected or total)
+    if nprobe is not None or rerank is not None:
+        builder.set_search(nprobe, rerank)
     parts = [p for p in parts if p["rows"]]
     rows = sum(p["rows"] for p in parts)
     if not rows:

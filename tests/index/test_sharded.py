@@ -130,6 +130,11 @@ def test_bad_chunks_and_corrupt_manifests_give_one_line_errors(tmp_path: Path) -
         builder.add_segment(iter_chunks([f"c{i}" for i in range(300)], x[300:], 100), 10)
     with ShardedIndex.open(folder) as index, pytest.raises(DuomoError, match="holds 32-d vectors"):
         index.search_vector(np.ones(5), k=3)
+    with pytest.raises(DuomoError, match="rerank must be a positive integer"):
+        builder.set_search(rerank=0)
+    builder.set_search(nprobe=10_000, rerank=50)  # more probes than lists: all lists
+    with ShardedIndex.open(folder) as index:
+        assert index.nprobe == index.manifest["params"]["nlist"] and index.rerank == 50
     (folder / "sharded.json").write_text("{not json")
     with pytest.raises(IndexCorruptError, match="cannot read"):
         ShardedIndex.open(folder)
@@ -159,8 +164,11 @@ def test_build_index_then_duomo_search(
     out = tmp_path / "big"
     assert main(["build-index", str(emb), str(out)]) == 0
     assert "added 23 vectors as segment-0000" in " ".join(capsys.readouterr().err.split())
-    assert main(["build-index", str(emb), str(out)]) == 0  # again: nothing new to add
-    assert "nothing to add" in capsys.readouterr().err
+    assert main(["build-index", str(emb), str(out), "--rerank", "300", "--nprobe", "4"]) == 0  # nothing new
+    err = " ".join(capsys.readouterr().err.split())
+    assert "nothing to add" in err and "searched with 1 probes and 300 re-ranked candidates" in err
+    with ShardedIndex.open(out) as index:  # the new search settings are what a search uses (1 list here)
+        assert (index.nprobe, index.rerank) == (1, 300)
     assert main(["search", "a red square", "--index", str(out), "-k", "5", "--format", "json"]) == 0
     body = json.loads(capsys.readouterr().out)  # stdout holds the JSON only (faiss's printfs are silenced)
     assert body["model"] == MODEL and len(body["results"]) == 5
