@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +28,29 @@ from duomo.tasks.clip.zero_shot import build_classifier
 from duomo.tasks.diffusion.generate import GenerateOptions, generate_tensors
 from duomo.tasks.diffusion.quality import clip_score, dominant_colour, frechet_distance, reframe_close_ups
 
-FRAMING = {"value": "scene"}  # set by main: "object" close-ups are reframed before judging
 
+@dataclass
+class Judge:
+    """A CLIP judging images among the pair names of `classifier`; "object" close-ups are reframed first."""
 
-def judge(
-    clip: duomo.Pipeline, images: torch.Tensor, classifier: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted pair index per image, image embeddings) for images [N, 3, H, W] in [0, 1]."""
-    size = clip.config.vision.image_size
-    if FRAMING["value"] == "object":
-        x = reframe_close_ups(images, size)
-    else:
-        x = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(clip.config.vision.mean).view(1, 3, 1, 1)
-    std = torch.tensor(clip.config.vision.std).view(1, 3, 1, 1)
-    embeds = clip.encode_pixels((x - mean) / std)
-    return (embeds @ classifier.T).argmax(1), embeds
+    clip: duomo.Pipeline
+    classifier: torch.Tensor
+    framing: str = "scene"
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted pair index per image, image embeddings) for images [N, 3, H, W] in [0, 1]."""
+        vision = self.clip.config.vision
+        size = vision.image_size
+        if self.framing == "object":
+            x = reframe_close_ups(images, size)
+        else:
+            x = torch.nn.functional.interpolate(
+                images, size=(size, size), mode="bilinear", align_corners=False
+            )
+        mean = torch.tensor(vision.mean).view(1, 3, 1, 1)
+        std = torch.tensor(vision.std).view(1, 3, 1, 1)
+        embeds = self.clip.encode_pixels((x - mean) / std)
+        return (embeds @ self.classifier.T).argmax(1), embeds
 
 
 def real_images(
@@ -65,16 +73,13 @@ def real_images(
 
 
 def score(
-    images: dict[tuple[str, str], torch.Tensor],
-    clip: duomo.Pipeline,
-    classifier: torch.Tensor,
-    names: list[str],
+    images: dict[tuple[str, str], torch.Tensor], judge: Judge, names: list[str]
 ) -> dict[str, dict[str, float]]:
     """Right colour / shape / pair (CLIP judge) and right colour (pixels), for seen and held-out pairs."""
     held = heldout_pairs()
     tallies = {"seen": [], "heldout": []}
     for pair, batch in images.items():
-        pred, _ = judge(clip, batch, classifier)
+        pred, _ = judge(batch)
         for i, p in enumerate(pred.tolist()):
             colour, shape = names[p].split()
             pixel = dominant_colour(batch[i], COLOURS)
@@ -135,23 +140,23 @@ def main() -> None:
         return {p: images[i * n : (i + 1) * n] for i, p in enumerate(pair_list)}, seconds
 
     framing = args.framing or ("object" if gen.meta.get("data") == "shapes-objects" else "scene")
-    FRAMING["value"] = framing
+    judge = Judge(clip, classifier, framing)
     real = real_images(pairs, args.n, gen.image_size, framing)
     result = {"model": args.model, "judge": args.judge, "n_per_pair": args.n, "framing": framing}
-    result["real"] = score(real, clip, classifier, names)
+    result["real"] = score(real, judge, names)
     print("judge on real images:", json.dumps(result["real"]))
     images, seconds = generate(pairs, args.n)
-    result["default"] = score(images, clip, classifier, names)
+    result["default"] = score(images, judge, names)
     result["default"]["seconds"] = seconds
     print("generated (model defaults):", json.dumps(result["default"]))
 
     def clip_metrics(images: dict) -> tuple[float, float]:
         gen_feats, txt, real_feats = [], [], []
         for pair, batch in images.items():
-            _, emb = judge(clip, batch, classifier)
+            _, emb = judge(batch)
             gen_feats.append(emb)
             txt.append(clip.encode_text([f"a {pair[0]} {pair[1]}"]).expand(len(batch), -1))
-            real_feats.append(judge(clip, real[pair], classifier)[1])
+            real_feats.append(judge(real[pair])[1])
         g, r = torch.cat(gen_feats), torch.cat(real_feats)
         return clip_score(g, torch.cat(txt)), frechet_distance(g.numpy(), r.numpy())
 
@@ -166,7 +171,7 @@ def main() -> None:
         settings += [{"sampler": s, "steps": k} for s in ("dpm", "ddim", "euler_a") for k in (10, 25, 50)]
         for kw in [] if args.no_settings_sweep else settings:
             images, seconds = generate(pairs, args.sweep_n, **kw)
-            row = {**kw, **score(images, clip, classifier, names)}
+            row = {**kw, **score(images, judge, names)}
             row["clip_score"], row["frechet"] = clip_metrics(images)
             row["seconds"] = seconds
             sweep.append(row)
@@ -180,7 +185,7 @@ def main() -> None:
             options = GenerateOptions(clip_guidance=scale, seed=0)
             tensors = generate_tensors(gen.model, prompts, args.sweep_n, None, options, 64, None, guide)
             imgs = {p: tensors[i * args.sweep_n : (i + 1) * args.sweep_n] for i, p in enumerate(held_pairs)}
-            row = {"clip_guidance": scale, **score(imgs, clip, classifier, names)}
+            row = {"clip_guidance": scale, **score(imgs, judge, names)}
             row["seconds"] = time.perf_counter() - start
             guidance_rows.append(row)
             print(json.dumps(row))

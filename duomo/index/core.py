@@ -204,14 +204,12 @@ class ImageIndex:
                 workers,
                 ahead=max(2 * batch_size, 4 * workers),
             )
-            with _progress(len(todo), progress) as bar, contextlib.closing(prepared):  # closing: stop workers
+            with _progress(len(todo), progress) as bar, contextlib.closing(prepared), encode:  # stop workers
                 for item in prepared:
                     writer.add(item)
                     bar.update(1)
                 writer.finish()
-            report.layout = encode.describe() if hasattr(encode, "describe") else ""
-            if hasattr(encode, "close"):
-                encode.close()
+            report.layout = encode.describe()
             with self._lock, self.store.write():
                 self.store.remove_files(gone)
                 if self.store.drop_orphan_vectors() or gone:  # a no-op run keeps the search caches valid

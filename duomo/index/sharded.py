@@ -43,6 +43,7 @@ import numpy as np
 from duomo.errors import DuomoError, InputError
 from duomo.index.errors import IndexCorruptError, ModelMismatchError
 from duomo.index.query import compose_query, find_image_file
+from duomo.io.files import write_json
 
 log = logging.getLogger("duomo.index")
 
@@ -88,12 +89,6 @@ def choose_params(expected: int, dim: int, train_rows: int) -> ShardedParams:
 
 
 # --- files --------------------------------------------------------------------------------------------------
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def _quiet_c_stdout() -> Iterator[None]:
     """Silence faiss's C++ printf()s to stdout (on-disk list resizing, file re-pointing), which would
@@ -209,7 +204,7 @@ class ShardedIndexBuilder:
             "format": FORMAT, "model": model, "dim": dim, "params": params.as_dict(),
             "trained_on": len(sample), "segments": [], "sources": [], "roots": [],
         }  # fmt: skip
-        _write_json_atomic(self.directory / MANIFEST, self.manifest)
+        write_json(self.manifest, self.directory / MANIFEST)
 
     def set_search(self, nprobe: int | None = None, rerank: int | None = None) -> None:
         """Change how searches run (lists probed per segment, candidates re-ranked exactly); the quantisers
@@ -224,7 +219,7 @@ class ShardedIndexBuilder:
             params["nprobe"] = min(nprobe, params["nlist"])
         if rerank is not None:
             params["rerank"] = rerank
-        _write_json_atomic(self.directory / MANIFEST, self.manifest)
+        write_json(self.manifest, self.directory / MANIFEST)
 
     def add_segment(
         self,
@@ -308,7 +303,7 @@ class ShardedIndexBuilder:
         manifest["segments"].append(entry)
         manifest["sources"].extend(sources)
         manifest["roots"] = sorted(set(manifest["roots"]) | set(roots))
-        _write_json_atomic(self.directory / MANIFEST, manifest)
+        write_json(manifest, self.directory / MANIFEST)
         return entry
 
     def _remove_segment_files(self, name: str) -> None:

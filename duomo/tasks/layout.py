@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from duomo.errors import InputError
+from duomo.io.files import write_json
 
 log = logging.getLogger("duomo.layout")
 
@@ -86,8 +87,11 @@ class LayoutEncoder:
         key: str | None = None,
         cores: int | None = None,
         remember: bool = True,
+        active: bool = True,
     ) -> None:
+        """`active=False`: call `encode` as it is (a backend or device without a layout to choose)."""
         self.encode = encode
+        self.active = active
         self.cores = cores or torch.get_num_threads()  # the cores this process was given to use
         self.key = f"{key}|cores={self.cores}|torch={torch.__version__}" if key else None
         self.remember = remember and self.key is not None
@@ -101,6 +105,8 @@ class LayoutEncoder:
         self._lock = threading.Lock()
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return self.encode(pixels)
         layout = self.layout or self._next_probe()
         start = time.perf_counter()
         out = self._run(layout, pixels)
@@ -125,8 +131,8 @@ class LayoutEncoder:
 
     def describe(self) -> str:
         """One line for the user: the layout and how it was chosen (with the measured gain); "" while the job
-        was too short to choose one."""
-        if self.layout is None:
+        was too short to choose one, or when there is no layout to choose."""
+        if self.layout is None or not self.active:
             return ""
         text = f"layout {self.layout} (workers x threads, {self.how}"
         medians = {n: statistics.median(t) for n, t in self.timings.items() if t}
@@ -156,6 +162,12 @@ class LayoutEncoder:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
+    def __enter__(self) -> LayoutEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # --- memory of past choices ----------------------------------------------------------------------------
     def _remembered(self) -> Layout | None:
         if not self.remember:
@@ -176,17 +188,14 @@ class LayoutEncoder:
             if not isinstance(data, dict):
                 data = {}
             data[self.key] = str(layout)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1) + "\n")
-            os.replace(tmp, path)
+            write_json(data, path)
         except (OSError, ValueError) as exc:  # a read-only home only costs the next job a measurement
             log.debug("cannot remember the layout in %s: %s", path, exc)
 
 
-def layout_encoder(pipeline: object, layout: str | None, batch_size: int) -> Callable | LayoutEncoder:
-    """The encode function a bulk job should call: a LayoutEncoder for torch models on the CPU (measured in
-    "auto"), else the pipeline's own `encode_pixels`."""
+def layout_encoder(pipeline: object, layout: str | None, batch_size: int) -> LayoutEncoder:
+    """The encoder a bulk job should call (and close): the chosen or measured layout for torch models on
+    the CPU; the pipeline's own `encode_pixels`, as it is, for other backends and devices."""
     chosen = parse_layout(layout)
     encode = pipeline.encode_pixels  # type: ignore[attr-defined]
     device = str(getattr(pipeline, "device", "cpu"))
@@ -194,6 +203,6 @@ def layout_encoder(pipeline: object, layout: str | None, batch_size: int) -> Cal
     if backend != "torch" or not device.startswith("cpu"):
         if chosen is not None:
             log.warning("--layout applies to torch models on the CPU; %s runs as it is", device)
-        return encode
+        return LayoutEncoder(encode, remember=False, active=False)
     key = f"{getattr(pipeline, 'name', '?')}|batch={batch_size}"
     return LayoutEncoder(encode, chosen, key=key)

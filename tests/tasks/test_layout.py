@@ -77,3 +77,19 @@ def test_a_real_model_gives_the_same_embeddings_under_each_layout() -> None:
     for layout in ("1x2", "2x1", "3x1"):
         encode = layout_encoder(pipe, layout, 6)
         torch.testing.assert_close(encode(pixels), want, atol=1e-5, rtol=1e-5)
+
+
+def test_other_backends_run_as_they_are() -> None:
+    class OnnxLike:  # the pipeline surface layout_encoder reads
+        device, name, meta = "cpu", "x.onnx", {"backend": "onnxruntime"}
+
+        def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+            threads.append(torch.get_num_threads())
+            return pixels[:, :1, 0, 0]
+
+    threads: list[int] = []
+    before = torch.get_num_threads()
+    with layout_encoder(OnnxLike(), "2x1", 4) as encode:
+        out = encode(torch.ones(4, 3, 2, 2))
+    assert out.shape == (4, 1) and threads == [before]  # one call, the thread setting untouched
+    assert encode.describe() == ""

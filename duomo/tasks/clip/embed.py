@@ -51,7 +51,7 @@ def embed_image_files(
     ok: list[str] = []
     chunks: list[np.ndarray] = []
     failures: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, encode:
         batch_paths: list[str] = []
         batch: list[torch.Tensor] = []
 
@@ -75,11 +75,9 @@ def embed_image_files(
             if len(batch) == batch_size:
                 flush()
         flush()
-    if hasattr(encode, "close"):
-        encode.close()
     dim = pipeline.embed_dim
     matrix = np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
-    return EmbeddingResult(ok, matrix.astype(np.float32), failures, getattr(encode, "describe", str)())
+    return EmbeddingResult(ok, matrix.astype(np.float32), failures, encode.describe())
 
 
 def write_embeddings(
