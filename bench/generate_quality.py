@@ -150,14 +150,16 @@ def main() -> None:
     result["default"]["seconds"] = seconds
     print("generated (model defaults):", json.dumps(result["default"]))
 
+    real_feats = {pair: judge(batch)[1] for pair, batch in real.items()}  # the same for every setting
+    prompt_embeds = {pair: clip.encode_text([f"a {pair[0]} {pair[1]}"]) for pair in pairs}
+
     def clip_metrics(images: dict) -> tuple[float, float]:
-        gen_feats, txt, real_feats = [], [], []
+        gen_feats, txt, reals = [], [], []
         for pair, batch in images.items():
-            _, emb = judge(batch)
-            gen_feats.append(emb)
-            txt.append(clip.encode_text([f"a {pair[0]} {pair[1]}"]).expand(len(batch), -1))
-            real_feats.append(judge(real[pair])[1])
-        g, r = torch.cat(gen_feats), torch.cat(real_feats)
+            gen_feats.append(judge(batch)[1])
+            txt.append(prompt_embeds[pair].expand(len(batch), -1))
+            reals.append(real_feats[pair])
+        g, r = torch.cat(gen_feats), torch.cat(reals)
         return clip_score(g, torch.cat(txt)), frechet_distance(g.numpy(), r.numpy())
 
     cs, fd = clip_metrics(images)
